@@ -1,0 +1,163 @@
+"""CLIP kNN retrieval: query a pool index with class exemplar images or class prompts.
+
+The LA1000 (img2img) recipe: every ImageNet-train image of a class is a query; its nearest
+pool images are candidates, scored by their best cosine similarity to any of the class's
+queries. Text mode queries with the mean embedding of prompt templates over the class name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from .base import Candidate, ResourceError
+from .labels import ImageNetClass
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+TEMPLATES = {
+    "simple": (
+        "a photo of a {}.",
+        "itap of a {}.",
+        "a photo of the {}.",
+        "a close-up photo of a {}.",
+    ),
+    "name": ("{}",),
+}
+
+
+@dataclass
+class ClipKnnParams:
+    index: str  # folder written by `imagenetpp index`
+    queries: Literal["image", "text"] = "image"
+    exemplars: str | None = None  # ImageNet-train layout: <dir>/<wnid>/*.JPEG (image mode)
+    exemplars_per_class: int = 1300
+    k_per_query: int = 50
+    min_similarity: float = 0.0
+    max_candidates: int = 5000
+    templates: Literal["simple", "openai", "name"] = "simple"
+    model: str | None = None  # default: the model that built the index
+    pretrained: str | None = None
+    device: str = "auto"
+    batch_size: int = 64
+    nprobe: int = 16
+
+    def check(self) -> dict[str, str]:
+        """Problems with the resources the params name, keyed by param name."""
+        problems = {}
+        if not (Path(self.index) / "index_info.json").is_file():
+            problems["index"] = f"no finished index at {self.index}"
+        if self.queries == "image":
+            if not self.exemplars:
+                problems["exemplars"] = "image queries need an exemplar folder"
+            elif not Path(self.exemplars).is_dir():
+                problems["exemplars"] = f"no such folder: {self.exemplars}"
+        for name in ("exemplars_per_class", "k_per_query", "max_candidates", "batch_size"):
+            if getattr(self, name) < 1:
+                problems[name] = "must be at least 1"
+        if not -1.0 <= self.min_similarity <= 1.0:
+            problems["min_similarity"] = "must lie in [-1, 1]"
+        return problems
+
+
+def exemplar_files(folder: str | Path, wnid: str, limit: int) -> list[Path]:
+    class_dir = Path(folder) / wnid
+    if not class_dir.is_dir():
+        return []
+    files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return files[:limit]
+
+
+class ClipKnnCurator:
+    name = "clip_knn"
+
+    def __init__(self, params: ClipKnnParams) -> None:
+        from .clip_models import ClipEncoder
+        from .knn_index import PoolIndex
+
+        self.params = params
+        self.index = PoolIndex(params.index, nprobe=params.nprobe)
+        model = params.model or self.index.info.model
+        pretrained = params.pretrained if params.model else self.index.info.pretrained
+        self.encoder = ClipEncoder(model, pretrained, params.device, params.batch_size)
+        if self.encoder.dim != self.index.info.dim:
+            raise ResourceError(
+                f"model {model} embeds in {self.encoder.dim} dims, the index in {self.index.info.dim}"
+            )
+
+    @property
+    def model(self) -> dict[str, str | None]:
+        return self.encoder.description
+
+    def _image_queries(self, cls: ImageNetClass) -> tuple[np.ndarray, list[str]]:
+        from shards.images import BadImage, decode
+
+        images, names = [], []
+        for path in exemplar_files(
+            self.params.exemplars, cls.wnid, self.params.exemplars_per_class
+        ):
+            try:
+                images.append(decode(path.read_bytes()))
+            except BadImage:
+                continue  # an unreadable exemplar only weakens the query set
+            names.append(path.name)
+        return self.encoder.encode_images(images), names
+
+    def _text_queries(self, cls: ImageNetClass) -> tuple[np.ndarray, list[str]]:
+        if self.params.templates == "openai":
+            from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+            prompts = [t(cls.name) for t in OPENAI_IMAGENET_TEMPLATES]
+        else:
+            prompts = [t.format(cls.name) for t in TEMPLATES[self.params.templates]]
+        mean = self.encoder.encode_texts(prompts).mean(axis=0, keepdims=True)
+        mean /= max(float(np.linalg.norm(mean)), 1e-12)
+        return mean, [f"{self.params.templates} templates: {cls.name}"]
+
+    def candidates(self, cls: ImageNetClass) -> list[Candidate]:
+        p = self.params
+        queries, labels = (
+            self._image_queries(cls) if p.queries == "image" else self._text_queries(cls)
+        )
+        if len(labels) == 0:
+            return []
+        k = p.k_per_query if p.queries == "image" else p.max_candidates
+        sims, ids = self.index.search(queries, k)
+        # Best similarity per pool row over all queries, remembering which query gave it.
+        best: dict[int, tuple[float, int]] = {}
+        for q in range(sims.shape[0]):
+            for s, i in zip(sims[q], ids[q], strict=True):
+                if i < 0 or s < p.min_similarity:
+                    continue
+                s = round(float(s), 6)  # stable across BLAS thread counts
+                if int(i) not in best or s > best[int(i)][0]:
+                    best[int(i)] = (s, q)
+        ranked = sorted(best.items(), key=lambda kv: (-kv[1][0], kv[0]))[: p.max_candidates]
+        rows = np.array([r for r, _ in ranked], dtype=np.int64)
+        meta = self.index.rows(rows)
+        emb = self.index.embeddings(rows)
+        out = []
+        for (_, (score, q)), m, e in zip(ranked, meta, emb, strict=True):
+            out.append(
+                Candidate(
+                    source_id=m["key"],
+                    score=score,
+                    query_kind=p.queries,
+                    query_value=labels[q],
+                    source_dataset=self.index.info.pool,
+                    url=m["url"],
+                    caption=m["caption"],
+                    license=m["license"],
+                    sha256=m["sha256"],
+                    locator={
+                        "kind": "tar",
+                        "path": m["shard"],
+                        "offset": m["offset"],
+                        "size": m["size"],
+                    },
+                    embedding=e,
+                )
+            )
+        return out

@@ -1,0 +1,258 @@
+"""Shift configs: YAML in, validated dataclasses out; every error names its key.
+
+    shift: la1000-img2img           # name of the shift (and of its output folder)
+    seed: 0
+    classes: all                    # or {first: N} or {wnids: [n01440764, ...]}
+    target_per_class: 1300
+    curator: {name: clip_knn, params: {...}}   # params checked by the curator's dataclass
+    select: {near_duplicate_cosine: 0.95}
+    shards: {samples_per_shard: 1000}
+    image: {max_side: 512, jpeg_quality: 90}
+    run: {out: out, executor: ray, ray_address: null, workers: null}
+
+Paths in curator params may start with ``demo:`` to name a part of the embedded demo world.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class ClassesConfig:
+    first: int | None = None
+    wnids: list[str] | None = None
+
+
+@dataclass
+class CuratorConfig:
+    name: str
+    params: Any = None  # the curator's params dataclass, once validated
+
+
+@dataclass
+class SelectConfig:
+    near_duplicate_cosine: float = 0.95  # drop a candidate this similar to a kept one; 1.0 = off
+
+
+@dataclass
+class ShardsConfig:
+    samples_per_shard: int = 1000
+
+
+@dataclass
+class ImageConfig:
+    max_side: int = 512
+    jpeg_quality: int = 90
+
+
+@dataclass
+class RunConfig:
+    # Where and how to run: none of it changes a shard's bytes, so none of it is hashed.
+    out: str = "out"
+    executor: Literal["ray", "local"] = "ray"
+    ray_address: str | None = None
+    workers: int | None = None  # parallel workers per stage; default: the CPUs Ray sees
+    progress: bool = True
+
+
+@dataclass
+class ShiftConfig:
+    shift: str
+    curator: CuratorConfig
+    seed: int = 0
+    classes: ClassesConfig = field(default_factory=ClassesConfig)
+    target_per_class: int = 1300
+    select: SelectConfig = field(default_factory=SelectConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def content_hash(self) -> str:
+        """Hash of everything that decides the shards' bytes (not where or how it ran)."""
+        data = self.to_dict()
+        data.pop("run")
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "target_per_class": (lambda v: v >= 1, "must be at least 1"),
+    "classes.first": (lambda v: 1 <= v <= 1000, "must lie in 1..1000"),
+    "select.near_duplicate_cosine": (lambda v: 0.0 < v <= 1.0, "must lie in (0, 1]"),
+    "shards.samples_per_shard": (lambda v: v >= 1, "must be at least 1"),
+    "image.max_side": (lambda v: v >= 16, "must be at least 16"),
+    "image.jpeg_quality": (lambda v: 1 <= v <= 100, "must lie in 1..100"),
+    "run.workers": (lambda v: v is None or v >= 1, "must be at least 1"),
+    "shift": (
+        lambda v: bool(v) and all(c.isalnum() or c in "-_" for c in v),
+        "must be non-empty letters, digits, '-' or '_'",
+    ),
+}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin is list:
+        if isinstance(value, list):
+            return [_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return build_dataclass(tp, value, key)
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, tp):
+        return value
+    raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+
+
+def build_dataclass(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build ``cls`` from a mapping, refusing unknown keys and wrong types by name."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown config key '{path}' (known here: {known})")
+        kwargs[key] = _coerce(value, hints[key], path)
+        check = CHECKS.get(path)
+        if check and kwargs[key] is not None and not check[0](kwargs[key]):
+            raise ConfigError(f"config key '{path}': {check[1]}, got {value!r}")
+    for name, f in fields.items():
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # fmt: skip
+            path = f"{prefix}.{name}" if prefix else name
+            raise ConfigError(f"config key '{path}' is required")
+    return cls(**kwargs)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """``a.b=c`` sets data["a"]["b"] to YAML-parsed c."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: '{part}' is not a mapping")
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            node[parts[-1]] = raw
+    return data
+
+
+def _resolve_demo_paths(params: dict) -> dict:
+    from .demo_world import resolve_demo_path
+
+    return {
+        k: resolve_demo_path(v) if isinstance(v, str) and v.startswith("demo:") else v
+        for k, v in params.items()
+    }
+
+
+def parse_config(data: Any, check_resources: bool = True) -> ShiftConfig:
+    import curators
+
+    if not isinstance(data, dict):
+        raise ConfigError("config must be a YAML mapping")
+    if data.get("classes") == "all":
+        data = {**data, "classes": {}}
+    curator = data.get("curator")
+    if not isinstance(curator, dict) or "name" not in curator:
+        raise ConfigError("config key 'curator.name' is required")
+    try:
+        params_cls = curators.params_type(curator["name"])
+    except KeyError:
+        names = ", ".join(sorted(curators.REGISTRY))
+        raise ConfigError(
+            f"config key 'curator.name': unknown curator {curator['name']!r} (known: {names})"
+        ) from None
+    raw_params = curator.get("params") or {}
+    if not isinstance(raw_params, dict):
+        raise ConfigError("config key 'curator.params': expected a mapping")
+    params = build_dataclass(params_cls, _resolve_demo_paths(raw_params), "curator.params")
+    rest = {k: v for k, v in data.items() if k != "curator"}
+    extra = set(curator) - {"name", "params"}
+    if extra:
+        raise ConfigError(
+            f"unknown config key 'curator.{sorted(extra)[0]}' (known here: name, params)"
+        )
+    config = build_dataclass(ShiftConfig, {**rest, "curator": {"name": curator["name"]}})
+    config.curator.params = params
+    if config.classes.first is not None and config.classes.wnids is not None:
+        raise ConfigError("config key 'classes': give either 'first' or 'wnids', not both")
+    if check_resources and hasattr(params, "check"):
+        for name, problem in params.check().items():
+            raise ConfigError(f"config key 'curator.params.{name}': {problem}")
+    return config
+
+
+def load_config(
+    path: str | Path, overrides: list[str] = (), check_resources: bool = True
+) -> ShiftConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return parse_config(apply_overrides(data or {}, list(overrides)), check_resources)

@@ -1,0 +1,71 @@
+"""The curation pipeline: config -> candidates -> select -> materialize -> finalize.
+
+Every stage skips its committed units, so re-running the same command resumes.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from curators import ImageNetClass, select_classes
+from shards.manifest import SHARDS_DIR
+
+from .candidates import run_candidates
+from .config import ShiftConfig
+from .errors import ConfigError
+from .executor import make_executor
+from .finalize import finalize
+from .materialize import SampleContext, run_materialize
+from .select import run_select
+from .workdir import RunLock, WorkDir
+
+
+def resolve_classes(config: ShiftConfig) -> list[ImageNetClass]:
+    try:
+        return select_classes(config.classes.first, config.classes.wnids)
+    except KeyError as e:
+        raise ConfigError(f"config key 'classes.wnids': unknown wnid {e.args[0]!r}") from None
+
+
+def curate(config: ShiftConfig, out: str | Path | None = None) -> dict:
+    """Run (or resume) a shift; returns its manifest."""
+    shift_dir = Path(out or config.run.out) / config.shift
+    classes = resolve_classes(config)
+    with RunLock(shift_dir):
+        work = WorkDir(shift_dir)
+        config_hash = config.content_hash()
+        work.bind_config(config_hash, config.to_dict())
+        started = datetime.now(UTC).isoformat(timespec="seconds")
+        executor = make_executor(
+            config.run.executor, config.run.ray_address, config.run.workers, config.run.progress
+        )
+        stages = {}
+        try:
+            t = time.monotonic()
+            stages["candidates"] = run_candidates(executor, config, classes, work.candidates)
+            stages["candidates"]["seconds"] = round(time.monotonic() - t, 3)
+            t = time.monotonic()
+            stages["select"] = run_select(config, classes, work)
+            stages["select"]["seconds"] = round(time.monotonic() - t, 3)
+            ctx = SampleContext(
+                shift=config.shift,
+                curator=config.curator.name,
+                config_hash=config_hash,
+                class_names={c.index: (c.wnid, c.name) for c in classes},
+                max_side=config.image.max_side,
+                jpeg_quality=config.image.jpeg_quality,
+            )
+            t = time.monotonic()
+            stages["materialize"] = run_materialize(executor, ctx, work, shift_dir / SHARDS_DIR)
+            stages["materialize"]["seconds"] = round(time.monotonic() - t, 3)
+            facts = {
+                "started": started,
+                "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+                "stages": stages,
+                **executor.describe(),
+            }
+            return finalize(shift_dir, work, config, classes, facts)
+        finally:
+            executor.shutdown()

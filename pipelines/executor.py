@@ -1,0 +1,195 @@
+"""Where units run: in this process, or on Ray (local by default, a cluster given an address).
+
+A stage hands an executor a ``setup`` (builds per-worker state once: a model, an index) and a
+``work`` function (state, unit) -> result. Ray runs one actor per worker, so state loads once
+per worker, not once per unit. Stages never import Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from .errors import UserError
+
+Setup = Callable[[], Any]
+Work = Callable[[Any, Any], dict]
+
+
+def _no_setup() -> None:
+    return None
+
+
+class Progress:
+    """One bar per stage: units done / total and samples per second."""
+
+    def __init__(self, desc: str, total: int, enabled: bool) -> None:
+        self.samples = 0
+        self.start = time.monotonic()
+        self.bar = None
+        if enabled and total:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=f"{desc:>12}", unit="unit", file=sys.stderr)
+
+    def update(self, result: dict) -> None:
+        self.samples += int(result.get("samples", 0))
+        if self.bar is not None:
+            rate = self.samples / max(time.monotonic() - self.start, 1e-9)
+            self.bar.set_postfix_str(f"{self.samples} samples, {rate:.1f} samples/s")
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class LocalExecutor:
+    """Runs units one after another in this process: for debugging, tests and benchmarks."""
+
+    name = "local"
+
+    def __init__(self, progress: bool = True) -> None:
+        self.progress = progress
+
+    def map(
+        self, desc: str, units: list, work: Work, setup: Setup = _no_setup, **_: Any
+    ) -> Iterator[dict]:
+        bar = Progress(desc, len(units), self.progress)
+        try:
+            state = setup() if units else None
+            for unit in units:
+                result = work(state, unit)
+                bar.update(result)
+                yield result
+        finally:
+            bar.close()
+
+    def describe(self) -> dict:
+        return {"executor": "local"}
+
+    def shutdown(self) -> None:
+        pass
+
+
+class _Worker:
+    def __init__(self, setup: Setup) -> None:
+        self.state = setup()
+
+    def run(self, work: Work, unit: Any) -> dict:
+        return work(self.state, unit)
+
+
+class RayExecutor:
+    """Runs units as Ray actor calls; results stream back as units finish."""
+
+    name = "ray"
+
+    def __init__(
+        self, address: str | None = None, workers: int | None = None, progress: bool = True
+    ) -> None:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # stay on loopback
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+        import ray
+
+        self.ray = ray
+        address = address or os.environ.get("RAY_ADDRESS") or None
+        kwargs: dict[str, Any] = {
+            "include_dashboard": False,
+            "logging_level": "ERROR",
+            "log_to_driver": True,
+        }
+        if address is None:
+            kwargs["num_cpus"] = workers or os.cpu_count()
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise UserError(
+                f"cannot reach Ray cluster at {address}: {str(e).splitlines()[0]}"
+            ) from None
+        self.address = address
+        resources = ray.cluster_resources()
+        self.cpus = int(resources.get("CPU", 1))
+        self.gpus = int(resources.get("GPU", 0))
+        self.workers = workers or max(1, self.cpus)
+        self.progress = progress
+
+    def map(
+        self, desc: str, units: list, work: Work, setup: Setup = _no_setup, gpu: bool = False,
+        max_workers: int | None = None,
+    ) -> Iterator[dict]:  # fmt: skip
+        if not units:
+            return
+        ray = self.ray
+        n = min(len(units), self.workers, max_workers or len(units))
+        options: dict[str, Any] = {"num_cpus": 1}
+        if gpu and self.gpus:
+            n = min(n, self.gpus)
+            options = {"num_cpus": 1, "num_gpus": 1}
+        actor_cls = ray.remote(**options)(_Worker)
+        actors = [actor_cls.remote(setup) for _ in range(n)]
+        bar = Progress(desc, len(units), self.progress)
+        pending: dict[Any, Any] = {}
+        todo = iter(units)
+        try:
+            for actor in actors:  # two in flight per actor hides the round trip
+                for _ in range(2):
+                    unit = next(todo, None)
+                    if unit is not None:
+                        pending[actor.run.remote(work, unit)] = actor
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                actor = pending.pop(done[0])
+                result = _unwrap(ray, done[0])
+                bar.update(result)
+                yield result
+                unit = next(todo, None)
+                if unit is not None:
+                    pending[actor.run.remote(work, unit)] = actor
+        finally:
+            bar.close()
+            for actor in actors:
+                ray.kill(actor)
+
+    def describe(self) -> dict:
+        return {
+            "executor": "ray",
+            "address": self.address or "local",
+            "cpus": self.cpus,
+            "gpus": self.gpus,
+        }
+
+    def shutdown(self) -> None:
+        self.ray.shutdown()
+
+
+def _unwrap(ray: Any, ref: Any) -> dict:
+    """Re-raise a worker's error as itself, so user errors still exit 2 with their message."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, Exception):
+            raise cause from None
+        raise
+    except ray.exceptions.ActorDiedError as e:
+        cause = getattr(e, "cause", None) or getattr(e, "base_exception", None)
+        inner = getattr(cause, "cause", None)
+        if isinstance(inner, Exception):
+            raise inner from None
+        raise
+
+
+def make_executor(kind: str, address: str | None, workers: int | None, progress: bool):
+    if kind == "local":
+        return LocalExecutor(progress)
+    return RayExecutor(address, workers, progress)
+
+
+def drain(results: Iterable[dict]) -> list[dict]:
+    return list(results)

@@ -1,0 +1,167 @@
+"""Stage 3, materialize: one unit per shard. Fetch each planned sample's bytes, re-encode,
+write the tar. A sample that cannot be fetched or decoded is skipped with its reason.
+
+Commit order: the tar is renamed into place, then _work/shard_rows/<shard>.parquet (the
+unit's marker, holding the index rows and the skipped rows). A kill between the two only
+means the tar is written again, to the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from shards.images import BadImage, reencode
+from shards.manifest import dumps_canonical
+from shards.reader import read_range
+from shards.writer import ShardWriter
+
+from . import __version__
+
+ROW_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("position", pa.int32()),
+        ("label", pa.int32()),
+        ("wnid", pa.string()),
+        ("class_name", pa.string()),
+        ("curator", pa.string()),
+        ("score", pa.float64()),
+        ("source_id", pa.string()),
+        ("source_dataset", pa.string()),
+        ("url", pa.string()),
+        ("caption", pa.string()),
+        ("license", pa.string()),
+        ("query_kind", pa.string()),
+        ("query_value", pa.string()),
+        ("model", pa.string()),
+        ("seed", pa.int64()),
+        ("prompt", pa.string()),
+        ("sha256", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("status", pa.string()),  # ok | skipped
+        ("reason", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class SampleContext:
+    """What every sample of a shift shares."""
+
+    shift: str
+    curator: str
+    config_hash: str
+    class_names: dict[int, tuple[str, str]]  # label -> (wnid, name)
+    max_side: int
+    jpeg_quality: int
+
+
+class FetchError(Exception):
+    pass
+
+
+def fetch_bytes(locator: dict) -> bytes:
+    """The reader: where a candidate's bytes live. One kind for now: a range of a tar."""
+    kind = locator.get("kind")
+    try:
+        if kind == "tar":
+            return read_range(locator["path"], locator["offset"], locator["size"])
+        if kind == "file":
+            return Path(locator["path"]).read_bytes()
+    except OSError as e:
+        raise FetchError(f"{type(e).__name__}: {e}") from None
+    raise FetchError(f"unknown locator kind {kind!r}")
+
+
+def sample_metadata(ctx: SampleContext, row: dict, sha256: str, width: int, height: int) -> dict:
+    wnid, name = ctx.class_names[row["label"]]
+    return {
+        "key": row["key"],
+        "label": row["label"],
+        "wnid": wnid,
+        "class_name": name,
+        "shift": ctx.shift,
+        "curator": ctx.curator,
+        "source": {
+            "dataset": row["source_dataset"],
+            "id": row["source_id"],
+            "url": row["url"],
+            "caption": row["caption"],
+        },
+        "query": {"kind": row["query_kind"], "value": row["query_value"]},
+        "score": row["score"],
+        "model": json.loads(row["model"]),
+        "seed": row["seed"],
+        "prompt": row["prompt"],
+        "sha256": sha256,
+        "width": width,
+        "height": height,
+        "license": row["license"],
+        "config_hash": ctx.config_hash,
+        "version": __version__,
+    }
+
+
+def write_shard(ctx: SampleContext, plan_file: Path, shard_path: Path, rows_path: Path) -> dict:
+    import hashlib
+
+    plan = pq.read_table(plan_file).to_pylist()
+    out_rows = []
+    with ShardWriter(shard_path) as writer:
+        for row in plan:
+            wnid, name = ctx.class_names[row["label"]]
+            base = {k: row.get(k) for k in ROW_SCHEMA.names if k in row}
+            base.update(shard=shard_path.name, wnid=wnid, class_name=name, curator=ctx.curator)
+            try:
+                img = reencode(
+                    fetch_bytes(json.loads(row["locator"])), ctx.max_side, ctx.jpeg_quality
+                )
+            except (FetchError, BadImage) as e:
+                out_rows.append({**base, "status": "skipped", "reason": str(e)[:500]})
+                continue
+            sha = hashlib.sha256(img.data).hexdigest()
+            meta = sample_metadata(ctx, row, sha, img.width, img.height)
+            files = {
+                "jpg": img.data,
+                "cls": str(row["label"]).encode(),
+                "json": dumps_canonical(meta),
+            }
+            if row["caption"]:
+                files["txt"] = row["caption"].encode()
+            out_rows.append(
+                {**base, "position": writer.samples, "sha256": sha, "width": img.width,
+                 "height": img.height, "status": "ok", "reason": None}
+            )  # fmt: skip
+            writer.write(row["key"], files)
+        info = writer.close()
+    table = pa.Table.from_pylist(out_rows, schema=ROW_SCHEMA).replace_schema_metadata(
+        {"shard": json.dumps({"name": info.name, "sha256": info.sha256, "samples": info.samples, "bytes": info.bytes})}
+    )  # fmt: skip
+    tmp = rows_path.with_name(f".{rows_path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, rows_path)
+    return {"shard": info.name, "samples": info.samples, "skipped": len(plan) - info.samples}
+
+
+def _work(ctx: SampleContext, shards_dir: Path, rows_dir: Path, _state, plan_file: Path) -> dict:
+    name = plan_file.name.removesuffix(".parquet")
+    return write_shard(ctx, plan_file, shards_dir / name, rows_dir / f"{name}.parquet")
+
+
+def run_materialize(executor, ctx: SampleContext, work, shards_dir: Path) -> dict:
+    work.shard_rows.mkdir(parents=True, exist_ok=True)
+    plans = sorted(work.plan.glob("*.tar.parquet"))
+    todo = [p for p in plans if not (work.shard_rows / p.name).exists()]
+    results = list(
+        executor.map("materialize", todo, partial(_work, ctx, shards_dir, work.shard_rows))
+    )
+    return {"units": len(plans), "run": len(todo), "samples": sum(r["samples"] for r in results)}

@@ -1,0 +1,65 @@
+"""The dataset card (README.md with a Hugging Face YAML header) of a finished shift."""
+
+from __future__ import annotations
+
+
+def _size_category(n: int) -> str:
+    for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):  # fmt: skip
+        if n < limit:
+            return name
+    return "1M<n<10M"
+
+
+def dataset_card(manifest: dict) -> str:
+    shift = manifest["shift"]
+    shortfalls = manifest["shortfalls"]
+    lines = [
+        "---",
+        "license: other",
+        "task_categories:",
+        "- image-classification",
+        "size_categories:",
+        f"- {_size_category(manifest['total_samples'])}",
+        f"pretty_name: {shift}",
+        "tags:",
+        "- imagenet",
+        "- imagenetpp",
+        "- webdataset",
+        "configs:",
+        "- config_name: default",
+        "  data_files:",
+        "  - split: train",
+        "    path: shards/*.tar",
+        "---",
+        "",
+        f"# {shift}",
+        "",
+        f"An ImageNet-1k training-data shift made by the `{manifest['curator']}` curator of "
+        f"imagenetpp {manifest['version']} (config hash `{manifest['config_hash']}`).",
+        "",
+        f"- samples: {manifest['total_samples']} in {len(manifest['shards'])} webdataset shards",
+        f"- classes: {manifest['classes']} requested, target {manifest['target_per_class']} per class",
+        f"- classes short of the target: {len(shortfalls)}",
+        f"- samples skipped while writing (undecodable or unreachable): {manifest['skipped']['count']}",
+        "",
+        "Each sample is `<key>.jpg`, `<key>.cls` (ImageNet-1k index), `<key>.json` (provenance:",
+        "source, query, score, model, sha256, size, licence) and `<key>.txt` where a caption exists.",
+        "`index.parquet` has one row per sample; `manifest.json` has the resolved config, shard",
+        "checksums, per-class counts and shortfalls.",
+        "",
+        "Licences are those of the sources, per sample in `license` where the source states one.",
+        "",
+    ]
+    if shortfalls:
+        lines += [
+            "## Shortfalls",
+            "",
+            "| class | wnid | kept | target | why |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {s['name']} | {s['wnid']} | {s['kept']} | {s['target']} | {s['reason']} |"
+            for s in shortfalls
+        ]
+        lines.append("")
+    return "\n".join(lines)

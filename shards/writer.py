@@ -1,0 +1,87 @@
+"""Deterministic webdataset tar writer.
+
+Every member gets fixed metadata (mtime 0, uid/gid 0, mode 0444, no user names) and the
+members of a sample are written in sorted extension order, so a shard's bytes depend only on
+its samples. The tar is written to a temporary name and renamed into place on close, so a
+reader never sees a half-written shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+_BLOCK = tarfile.BLOCKSIZE
+_RECORD = tarfile.RECORDSIZE
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str
+    sha256: str
+    samples: int
+    bytes: int
+
+
+def _member_header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
+
+
+class ShardWriter:
+    """Writes one tar shard: ``write(key, {"jpg": b"...", "json": b"..."})`` per sample."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.tmp_path = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.tmp_path, "wb")
+        self._hash = hashlib.sha256()
+        self._size = 0
+        self.samples = 0
+
+    def _emit(self, data: bytes) -> None:
+        self._file.write(data)
+        self._hash.update(data)
+        self._size += len(data)
+
+    def write(self, key: str, files: dict[str, bytes]) -> None:
+        if "." in key or "/" in key:
+            raise ValueError(f"sample key may not contain '.' or '/': {key!r}")
+        for ext in sorted(files):
+            data = files[ext]
+            self._emit(_member_header(f"{key}.{ext}", len(data)))
+            self._emit(data)
+            pad = -len(data) % _BLOCK
+            if pad:
+                self._emit(b"\0" * pad)
+        self.samples += 1
+
+    def close(self) -> ShardInfo:
+        """Finish the tar (end blocks, record padding) and rename it into place."""
+        self._emit(b"\0" * (2 * _BLOCK))
+        pad = -self._size % _RECORD
+        if pad:
+            self._emit(b"\0" * pad)
+        self._file.close()
+        os.replace(self.tmp_path, self.path)
+        return ShardInfo(self.path.name, self._hash.hexdigest(), self.samples, self._size)
+
+    def abort(self) -> None:
+        self._file.close()
+        self.tmp_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
