@@ -126,7 +126,8 @@ def write_shard(ctx: SampleContext, plan_file: Path, shard_path: Path, rows_path
                     fetch_bytes(json.loads(row["locator"])), ctx.max_side, ctx.jpeg_quality
                 )
             except (FetchError, BadImage) as e:
-                out_rows.append({**base, "status": "skipped", "reason": str(e)[:500]})
+                reason = f"{type(e).__name__}: {e}"[:500]
+                out_rows.append({**base, "status": "skipped", "reason": reason})
                 continue
             sha = hashlib.sha256(img.data).hexdigest()
             meta = sample_metadata(ctx, row, sha, img.width, img.height)

@@ -25,6 +25,8 @@ def decode(data: bytes, min_side: int = 8) -> Image.Image:
             img.load()  # raises on truncated data rather than padding with grey
             img = ImageOps.exif_transpose(img)
             rgb = img.convert("RGB")
+    except Image.UnidentifiedImageError:
+        raise BadImage("not a recognised image format") from None  # PIL's text holds an address
     except Exception as e:  # PIL raises many types for bad input
         raise BadImage(f"{type(e).__name__}: {e}") from None
     if min(rgb.size) < min_side:

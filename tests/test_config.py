@@ -1,0 +1,84 @@
+import pytest
+import yaml
+
+from pipelines.config import ConfigError, load_config, parse_config
+
+from .conftest import DEMO_CONFIG, run_cli
+
+
+def demo_dict() -> dict:
+    return yaml.safe_load(DEMO_CONFIG.read_text())
+
+
+def test_demo_config_loads_with_defaults(demo_world):
+    config = load_config(DEMO_CONFIG)
+    assert config.shift == "demo-knn-img"
+    assert config.curator.params.queries == "image"
+    assert config.curator.params.index.endswith("/index")
+    assert config.run.executor == "ray"
+    assert len(config.content_hash()) == 16
+
+
+def test_overrides_change_values_and_hash(demo_world):
+    base = load_config(DEMO_CONFIG)
+    changed = load_config(DEMO_CONFIG, ["target_per_class=7", "curator.params.k_per_query=3"])
+    assert changed.target_per_class == 7 and changed.curator.params.k_per_query == 3
+    assert changed.content_hash() != base.content_hash()
+    # Where it runs does not change what it makes.
+    moved = load_config(DEMO_CONFIG, ["run.out=/elsewhere", "run.executor=local"])
+    assert moved.content_hash() == base.content_hash()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"colour": 1}, "unknown config key 'colour'"),
+        ({"select": {"near_dup": 0.9}}, "unknown config key 'select.near_dup'"),
+        ({"target_per_class": "many"}, "config key 'target_per_class': expected an integer"),
+        ({"target_per_class": 0}, "config key 'target_per_class': must be at least 1"),
+        ({"image": {"jpeg_quality": 101}}, "config key 'image.jpeg_quality'"),
+        ({"shift": "a b"}, "config key 'shift'"),
+        ({"classes": {"wnids": "n01443537"}}, "config key 'classes.wnids'"),
+        ({"curator": {"name": "nope"}}, "unknown curator 'nope'"),
+    ],
+)
+def test_bad_values_name_their_key(demo_world, change, message):
+    data = {**demo_dict(), **change}
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        parse_config(data)
+
+
+def test_bad_curator_params_name_their_key(demo_world):
+    data = demo_dict()
+    data["curator"]["params"]["k_per_querry"] = 5
+    with pytest.raises(ConfigError, match="unknown config key 'curator.params.k_per_querry'"):
+        parse_config(data)
+    data = demo_dict()
+    data["curator"]["params"]["queries"] = "audio"
+    with pytest.raises(ConfigError, match="curator.params.queries.*'image' or 'text'"):
+        parse_config(data)
+
+
+@pytest.mark.parametrize(
+    "args, culprit",
+    [
+        (["--set", "colour=red"], "colour"),
+        (["--set", "target_per_class=lots"], "target_per_class"),
+        (["--set", "curator.params.index=/no/such/index"], "curator.params.index"),
+        (["--set", "curator.params.exemplars=/no/such/dir"], "curator.params.exemplars"),
+        (["--set", "classes.wnids=[n00000000]"], "n00000000"),
+    ],
+)
+def test_cli_user_errors_exit_2_with_one_line(demo_world, tmp_path, args, culprit):
+    proc = run_cli("curate", str(DEMO_CONFIG), "--out", str(tmp_path), *args)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and culprit in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "demo-knn-img" / "manifest.json").exists()
+
+
+def test_cli_missing_config_file(tmp_path):
+    proc = run_cli("curate", str(tmp_path / "nope.yaml"))
+    assert proc.returncode == 2 and "config file not found" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -1,0 +1,126 @@
+"""The demo shift end to end, through the CLI on a local Ray, checked as a user would."""
+
+import json
+from collections import Counter
+
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from shards.manifest import sha256_file
+from shards.verify import REQUIRED_FIELDS
+
+from .conftest import DEMO_CONFIG, run_cli
+
+
+def shard_files(shift):
+    return sorted(str(p) for p in (shift / "shards").glob("*.tar"))
+
+
+def test_layout(demo_shift):
+    for name in ("manifest.json", "index.parquet", "README.md", "skipped.parquet"):
+        assert (demo_shift / name).is_file(), name
+    manifest = json.loads((demo_shift / "manifest.json").read_text())
+    names = [s["name"] for s in manifest["shards"]]
+    assert names == [f"demo-knn-img-{i:06d}.tar" for i in range(len(names))]
+    assert sorted((demo_shift / "shards").iterdir()) == [demo_shift / "shards" / n for n in names]
+    card = (demo_shift / "README.md").read_text()
+    assert card.startswith("---\n") and "path: shards/*.tar" in card
+
+
+def test_every_sample_carries_its_provenance(demo_shift):
+    samples = list(wds.WebDataset(shard_files(demo_shift), shardshuffle=False))
+    manifest = json.loads((demo_shift / "manifest.json").read_text())
+    assert len(samples) == manifest["total_samples"] > 0
+    for s in samples:
+        meta = json.loads(s["json"])
+        assert set(REQUIRED_FIELDS) <= set(meta)
+        assert int(s["cls"]) == meta["label"]
+        assert meta["key"] == s["__key__"] and meta["wnid"] in s["__key__"]
+        assert meta["curator"] == "clip_knn" and meta["query"]["kind"] == "image"
+        assert meta["model"]["name"] == "imagenetpp-tiny" and meta["model"]["weights"]
+        assert meta["source"]["id"] and meta["source"]["url"].startswith("https://demo.invalid/")
+        assert s["txt"].decode() == meta["source"]["caption"]
+        assert meta["config_hash"] == manifest["config_hash"]
+        assert meta["score"] >= 0.8  # the config's min_similarity
+
+
+def test_counts_meet_target_or_record_shortfall(demo_shift):
+    manifest = json.loads((demo_shift / "manifest.json").read_text())
+    index = pq.read_table(demo_shift / "index.parquet").to_pylist()
+    counts = Counter(r["wnid"] for r in index)
+    assert counts == Counter({k: v for k, v in manifest["class_counts"].items() if v})
+    short = {s["wnid"]: s for s in manifest["shortfalls"]}
+    for wnid, n in manifest["class_counts"].items():
+        assert n == 120 or short[wnid]["kept"] == n and short[wnid]["shortfall"] == 120 - n
+    # The demo's scarce class (banana) runs out, and says why.
+    assert "n07753592" in short and "pool ran out" in short["n07753592"]["reason"]
+    assert len(short) == 1
+    # No pool item twice, no exact duplicate twice.
+    assert len({r["source_id"] for r in index}) == len(index)
+
+
+def test_shard_hashes_match_manifest_and_verify_passes(demo_shift):
+    manifest = json.loads((demo_shift / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        assert sha256_file(demo_shift / "shards" / shard["name"]) == shard["sha256"]
+    proc = run_cli("verify", str(demo_shift))
+    assert proc.returncode == 0 and "OK" in proc.stdout
+
+
+def test_label_precision_against_hidden_truth(demo_shift, demo_world):
+    truth = {
+        r["key"]: r["label"] for r in pq.read_table(demo_world / "ground_truth.parquet").to_pylist()
+    }
+    index = pq.read_table(demo_shift / "index.parquet").to_pylist()
+    precision = sum(truth[r["source_id"]] == r["label"] for r in index) / len(index)
+    assert precision >= 0.9, precision
+
+
+def test_huggingface_datasets_reads_the_shards(demo_shift):
+    import datasets
+
+    files = shard_files(demo_shift)
+    ds = datasets.load_dataset("webdataset", data_files={"train": files}, split="train")
+    manifest = json.loads((demo_shift / "manifest.json").read_text())
+    assert ds.num_rows == manifest["total_samples"]
+    row = ds[0]
+    assert int(row["cls"]) == row["json"]["label"] and row["jpg"].size[0] <= 64
+
+
+def test_verify_catches_a_tampered_shard(demo_shift, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(demo_shift, copy, ignore=shutil.ignore_patterns("_work"))
+    victim = sorted((copy / "shards").glob("*.tar"))[0]
+    data = bytearray(victim.read_bytes())
+    data[2000] ^= 0xFF  # inside the first sample's image
+    victim.write_bytes(bytes(data))
+    proc = run_cli("verify", str(copy))
+    assert proc.returncode == 1
+    assert "sha256 differs from manifest" in proc.stdout
+
+
+def test_same_config_same_bytes_with_the_local_executor(demo_shift, tmp_path):
+    run_cli("curate", str(DEMO_CONFIG), "--out", str(tmp_path), "--executor", "local", "--no-progress", check=True)  # fmt: skip
+    ours = {p.name: sha256_file(p) for p in (tmp_path / "demo-knn-img" / "shards").glob("*.tar")}
+    ray = {p.name: sha256_file(p) for p in (demo_shift / "shards").glob("*.tar")}
+    assert ours == ray
+
+
+@pytest.mark.parametrize("templates", ["simple"])
+def test_text_queries_find_the_class(demo_world, tmp_path, templates):
+    proc = run_cli(
+        "curate", str(DEMO_CONFIG), "--out", str(tmp_path), "--executor", "local", "--no-progress",
+        "--set", "curator.params.queries=text", "--set", f"curator.params.templates={templates}",
+        "--set", "curator.params.min_similarity=0.0", "--set", "target_per_class=40",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    truth = {
+        r["key"]: r["label"] for r in pq.read_table(demo_world / "ground_truth.parquet").to_pylist()
+    }
+    index = pq.read_table(tmp_path / "demo-knn-img" / "index.parquet").to_pylist()
+    assert {r["query_kind"] for r in index} == {"text"}
+    precision = sum(truth[r["source_id"]] == r["label"] for r in index) / len(index)
+    assert precision >= 0.6, precision  # text-image alignment of a one-minute model

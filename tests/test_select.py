@@ -1,0 +1,93 @@
+"""Balancing: claims across classes, exact and near duplicates, targets, seeded shard plans."""
+
+import numpy as np
+
+from curators import Candidate, label_set
+from pipelines.candidates import write_candidates
+from pipelines.select import ClassFile, greedy_dedupe, plan_shards, select_all
+
+MODEL = {"name": "m", "weights": "w"}
+
+
+def unit(v):
+    v = np.asarray(v, np.float32)
+    return v / np.linalg.norm(v)
+
+
+def cand(source_id, score, emb, sha=None):
+    return Candidate(source_id=source_id, score=score, query_kind="image", query_value="q",
+                     source_dataset="pool", sha256=sha or f"sha-{source_id}", embedding=unit(emb))  # fmt: skip
+
+
+def class_files(tmp_path, per_class):
+    files = []
+    for index, cands in per_class.items():
+        path = tmp_path / f"{index:04d}.parquet"
+        write_candidates(path, cands, MODEL)
+        files.append(ClassFile(label_set()[index], path))
+    return files
+
+
+def test_item_claimed_by_two_classes_goes_where_it_scores_best(tmp_path):
+    files = class_files(tmp_path, {
+        0: [cand("a", 0.9, [1, 0, 0]), cand("shared", 0.5, [0, 1, 0])],
+        1: [cand("b", 0.8, [0, 0, 1]), cand("shared", 0.7, [0, 1, 0])],
+    })  # fmt: skip
+    table, stats = select_all(files, target=5, threshold=0.99)
+    rows = table.to_pylist()
+    assert {(r["label"], r["source_id"]) for r in rows} == {(0, "a"), (1, "b"), (1, "shared")}
+    assert stats[0]["claimed_elsewhere_or_duplicate"] == 1 and stats[0]["selected"] == 1
+
+
+def test_exact_duplicates_by_sha256_count_once(tmp_path):
+    files = class_files(tmp_path, {
+        0: [cand("x", 0.9, [1, 0], sha="same"), cand("y", 0.8, [0, 1], sha="same"), cand("z", 0.7, [1, 1])],
+    })  # fmt: skip
+    table, _ = select_all(files, target=5, threshold=1.0)
+    assert table["source_id"].to_pylist() == ["x", "z"]
+
+
+def test_near_duplicates_dropped_and_target_filled_from_below(tmp_path):
+    files = class_files(tmp_path, {
+        0: [cand("a", 0.9, [1, 0, 0]), cand("a2", 0.85, [1, 0.01, 0]), cand("b", 0.8, [0, 1, 0]),
+            cand("c", 0.7, [0, 0, 1]), cand("d", 0.6, [1, 1, 1])],
+    })  # fmt: skip
+    table, stats = select_all(files, target=3, threshold=0.99)
+    assert table["source_id"].to_pylist() == ["a", "b", "c"]
+    assert table["rank"].to_pylist() == [0, 1, 2]
+    assert stats[0]["near_duplicates"] == 1 and stats[0]["selected"] == 3
+
+
+def test_shortfall_is_reported(tmp_path):
+    files = class_files(tmp_path, {0: [cand("a", 0.9, [1, 0])], 1: []})
+    table, stats = select_all(files, target=4, threshold=0.95)
+    assert [s["selected"] for s in stats] == [1, 0]
+    assert stats[1]["candidates"] == 0
+
+
+def test_greedy_dedupe_matches_a_plain_loop():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(300, 8)).astype(np.float32)
+    emb = np.concatenate([base, base[:200] + 0.01 * rng.normal(size=(200, 8)).astype(np.float32)])
+    emb = emb[rng.permutation(len(emb))]
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    kept = []
+    for i, e in enumerate(emb):
+        if all(e @ emb[j] < 0.99 for j in kept):
+            kept.append(i)
+    for target in (50, 250, 10_000):
+        assert list(greedy_dedupe(emb, target, 0.99)) == kept[:target]
+
+
+def test_plan_is_seeded_and_cut_into_fixed_shards(tmp_path):
+    files = class_files(tmp_path, {i: [cand(f"{i}-{j}", 1 - j / 100, [i, j, 1]) for j in range(7)] for i in range(3)})  # fmt: skip
+    table, _ = select_all(files, target=7, threshold=1.0)
+    wnids = {c.index: c.wnid for c in label_set()[:3]}
+    a = plan_shards(table, wnids, 5, seed=1)
+    b = plan_shards(table, wnids, 5, seed=1)
+    c = plan_shards(table, wnids, 5, seed=2)
+    assert [t.num_rows for t in a] == [5, 5, 5, 5, 1]
+    assert [t["key"].to_pylist() for t in a] == [t["key"].to_pylist() for t in b]
+    assert [t["key"].to_pylist() for t in a] != [t["key"].to_pylist() for t in c]
+    keys = [k for t in a for k in t["key"].to_pylist()]
+    assert sorted(keys) == sorted(f"{wnids[i]}_{r:05d}" for i in range(3) for r in range(7))
