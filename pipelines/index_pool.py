@@ -36,6 +36,7 @@ from .errors import UserError
 from .workdir import RunLock
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+PREP_THREADS = 2  # decode + preprocess threads per embedding worker (PIL releases the GIL)
 
 
 def pool_shards(pool: str) -> list[Path]:
@@ -93,52 +94,67 @@ def _describe(key: str, shard: Path, files: dict) -> tuple[dict | None, bytes | 
     return row, data, None
 
 
-def _prepare(preprocess, data: bytes):
-    try:
-        img = decode(data)
-    except BadImage as e:
-        return None, None, str(e)
-    return preprocess(img), img.size, None
+def _prepare_batch(preprocess, datas: list[bytes]) -> list[tuple]:
+    """Decode and preprocess a batch: (tensor, (w, h), None) or (None, None, reason) each."""
+    out = []
+    for data in datas:
+        try:
+            img = decode(data)
+        except BadImage as e:
+            out.append((None, None, str(e)))
+            continue
+        out.append((preprocess(img), img.size, None))
+    return out
 
 
-def embed_shard(root: Path, batch_size: int, threads: int, encoder, unit: tuple[int, str]) -> dict:
+def embed_shard(root: Path, batch_size: int, encoder, unit: tuple[int, str]) -> dict:
+    """One pool shard -> one index part. A helper thread decodes batch i+1 while batch i encodes."""
     import torch
 
     part, shard = unit[0], Path(unit[1])
     paths = part_paths(root, part)
     rows, skipped, img_out = [], [], []
-    pending: list[tuple[dict, object]] = []
 
-    def flush(batch):
-        if not batch:
-            return
-        results = [f.result() for _, f in batch]
-        good = [(row, r) for (row, _), r in zip(batch, results, strict=True) if r[2] is None]
-        for (row, _), r in zip(batch, results, strict=True):
-            if r[2] is not None:
+    def consume(batch: list[dict], prepared: list[tuple]) -> None:
+        good = []
+        for row, (pixels, size, problem) in zip(batch, prepared, strict=True):
+            if problem is not None:
                 skipped.append(
-                    {"key": row["key"], "shard": row["shard"], "reason": f"BadImage: {r[2]}"}
+                    {"key": row["key"], "shard": row["shard"], "reason": f"BadImage: {problem}"}
                 )
-        if not good:
-            return
-        img_out.append(encoder.encode_pixels(torch.stack([r[0] for _, r in good])))
-        for row, r in good:
-            row["width"], row["height"] = r[1]
-            rows.append(row)
+            else:
+                row["width"], row["height"] = size
+                rows.append(row)
+                good.append(pixels)
+        if good:
+            img_out.append(encoder.encode_pixels(torch.stack(good)))
 
-    with ThreadPoolExecutor(threads) as pool:
-        queued: list = []
+    with ThreadPoolExecutor(PREP_THREADS) as pool:
+        pending: tuple[list[dict], object] | None = None
+        batch: list[dict] = []
+        datas: list[bytes] = []
+
+        def submit() -> None:
+            nonlocal pending, batch, datas
+            step = -(-len(datas) // PREP_THREADS)
+            futures = [pool.submit(_prepare_batch, encoder.preprocess, datas[i : i + step]) for i in range(0, len(datas), step)]  # fmt: skip
+            if pending is not None:
+                consume(pending[0], [r for f in pending[1] for r in f.result()])
+            pending, batch, datas = (batch, futures), [], []
+
         for key, files in iter_pool_samples(shard):
             row, data, problem = _describe(key, shard, files)
             if problem:
                 skipped.append({"key": key, "shard": str(shard), "reason": problem})
                 continue
-            queued.append((row, pool.submit(_prepare, encoder.preprocess, data)))
-            if len(queued) == batch_size:
-                flush(pending)  # encode the previous batch while this one decodes
-                pending, queued = queued, []
-        flush(pending)
-        flush(queued)
+            batch.append(row)
+            datas.append(data)
+            if len(batch) == batch_size:
+                submit()
+        if batch:
+            submit()
+        if pending is not None:
+            consume(pending[0], [r for f in pending[1] for r in f.result()])
     captions = [r["caption"] or "" for r in rows]
     txt = np.zeros((len(rows), encoder.dim), np.float32)
     has = [i for i, c in enumerate(captions) if c]
@@ -183,7 +199,6 @@ def build_index(
     factory: str = "Flat",
     batch_size: int = 64,
     device: str = "auto",
-    threads: int = 2,
     pool_name: str | None = None,
 ) -> IndexInfo:
     """Embed every pool shard (skipping committed parts) and build the faiss index."""
@@ -199,7 +214,7 @@ def build_index(
             executor.map(
                 "embed",
                 todo,
-                partial(embed_shard, out, batch_size, threads),
+                partial(embed_shard, out, batch_size),
                 setup=partial(_make_encoder, model, pretrained, device, batch_size),
                 gpu=True,
             )

@@ -24,9 +24,7 @@ import pyarrow.parquet as pq
 
 from curators import ImageNetClass
 
-from .candidates import read_model
-
-_BLOCK = 1024
+_BLOCK = 256
 
 
 @dataclass(frozen=True)
@@ -39,7 +37,7 @@ def resolve_claims(files: list[ClassFile]) -> list[np.ndarray]:
     """Per file, a boolean mask of the rows that win their image's claim."""
     labels, scores, keys, sizes = [], [], [], []
     for f in files:
-        t = pq.read_table(f.path, columns=["source_id", "sha256", "score"])
+        t = pq.ParquetFile(f.path).read(columns=["source_id", "sha256", "score"])
         keys.append(pc.coalesce(t["sha256"], t["source_id"]))
         scores.append(t["score"].to_numpy())
         labels.append(np.full(t.num_rows, f.cls.index, np.int32))
@@ -60,69 +58,67 @@ def resolve_claims(files: list[ClassFile]) -> list[np.ndarray]:
 
 
 def greedy_dedupe(emb: np.ndarray, target: int, threshold: float) -> np.ndarray:
-    """Indices (into score-ordered rows) kept: skip a row too similar to an already kept one."""
+    """Indices (into score-ordered rows) kept: skip a row too similar to an already kept one.
+
+    Same result as the sequential walk, but only rows that have an earlier near duplicate in
+    their block are decided one by one; all others are decided by a matrix product.
+    """
     if threshold >= 1.0 or emb.size == 0:
         return np.arange(min(target, len(emb)))
-    kept: list[int] = []
+    kept: list[np.ndarray] = []
+    n_kept = 0
     kept_emb = np.zeros((0, emb.shape[1]), np.float32)
     for start in range(0, len(emb), _BLOCK):
         block = emb[start : start + _BLOCK]
-        near_kept = (block @ kept_emb.T).max(axis=1, initial=-1.0) >= threshold
-        inner = block @ block.T >= threshold
-        # Only rows with an earlier near-duplicate inside the block need the sequential walk.
-        inner = np.triu(inner, k=1).T  # inner[i, j]: j < i and near
-        kept_in_block: list[int] = []
-        for i in range(len(block)):
-            if near_kept[i]:
-                continue
-            if kept_in_block and inner[i, kept_in_block].any():
-                continue
-            kept_in_block.append(i)
-            if len(kept) + len(kept_in_block) == target:
-                break
-        kept.extend(start + i for i in kept_in_block)
-        if len(kept) >= target:
+        keep = (block @ kept_emb.T).max(axis=1, initial=-1.0) < threshold
+        near = np.tril(block @ block.T >= threshold, k=-1)  # near[i, j]: j < i and similar
+        for i in np.flatnonzero(keep & near.any(axis=1)):
+            # Rows before i are final here: decided by the product, or earlier in this loop.
+            if (near[i, :i] & keep[:i]).any():
+                keep[i] = False
+        rows = np.flatnonzero(keep)[: target - n_kept]
+        kept.append(start + rows)
+        n_kept += rows.size
+        if n_kept >= target:
             break
-        kept_emb = np.concatenate([kept_emb, block[kept_in_block]])
-    return np.asarray(kept[:target], dtype=np.int64)
+        kept_emb = np.concatenate([kept_emb, block[rows]])
+    return np.concatenate(kept) if kept else np.zeros(0, np.int64)
 
 
 def select_class(
     f: ClassFile, win: np.ndarray, target: int, threshold: float
 ) -> tuple[pa.Table, dict]:
-    table = pq.read_table(f.path)
+    table = pq.ParquetFile(f.path).read()
     total = table.num_rows
-    table = table.filter(pa.array(win))
-    claimed = table.num_rows
+    rows = np.flatnonzero(win)
     # Score order, ties by source id, so the choice never depends on file order.
-    order = pc.sort_indices(table, [("score", "descending"), ("source_id", "ascending")])
-    table = table.take(order)
-    col = table["embedding"]
-    if col.null_count == 0 and table.num_rows:
-        flat = col.combine_chunks()
-        emb = flat.values.to_numpy().reshape(table.num_rows, -1)
+    keys = table.select(["score", "source_id"]).take(pa.array(rows))
+    rows = rows[
+        pc.sort_indices(keys, [("score", "descending"), ("source_id", "ascending")]).to_numpy()
+    ]
+    col = table["embedding"].combine_chunks()
+    if col.null_count == 0 and total:
+        emb = col.flatten().to_numpy().reshape(total, -1)[rows]
         keep = greedy_dedupe(emb, target, threshold)
     else:
-        keep = np.arange(min(target, table.num_rows))
+        keep = np.arange(min(target, rows.size))
     # Rows looked at: up to the last kept one when the target was met, else all of them.
-    considered = int(keep[-1]) + 1 if keep.size == target else table.num_rows
-    near = considered - keep.size
-    table = table.take(pa.array(keep)).drop_columns(["embedding"])
-    model = read_model(f.path)
+    considered = int(keep[-1]) + 1 if keep.size == target else rows.size
+    table = table.drop_columns(["embedding"]).take(pa.array(rows[keep]))
+    table = table.replace_schema_metadata(None)
     n = table.num_rows
+    model = (table.schema.metadata or {}).get(b"model", b"{}").decode()
     table = table.append_column("label", pa.array(np.full(n, f.cls.index, np.int32)))
     table = table.append_column("rank", pa.array(np.arange(n, dtype=np.int32)))
-    table = table.append_column(
-        "model", pa.array([json.dumps(model, sort_keys=True)] * n, pa.string())
-    )
+    table = table.append_column("model", pa.array([model] * n, pa.string()))
     stats = {
         "label": f.cls.index,
         "wnid": f.cls.wnid,
         "name": f.cls.name,
         "target": target,
         "candidates": total,
-        "claimed_elsewhere_or_duplicate": total - claimed,
-        "near_duplicates": near,
+        "claimed_elsewhere_or_duplicate": total - int(win.sum()),
+        "near_duplicates": considered - n,
         "selected": n,
     }
     return table, stats
@@ -154,13 +150,12 @@ def plan_shards(
 ) -> list[pa.Table]:
     """Keys <wnid>_<rank>, then a seeded permutation cut into shards of fixed size."""
     n = selected.num_rows
-    keys = [f"{wnids[lab]}_{r:05d}" for lab, r in zip(selected["label"].to_pylist(), selected["rank"].to_pylist(), strict=True)]  # fmt: skip
-    selected = selected.append_column("key", pa.array(keys, pa.string()))
-    order = np.random.default_rng(seed).permutation(n)
-    return [
-        selected.take(pa.array(order[i : i + samples_per_shard]))
-        for i in range(0, n, samples_per_shard)
-    ]
+    labels = selected["label"].to_numpy()
+    names = pa.array(np.array([wnids.get(i, "") for i in range(max(wnids) + 1)], dtype=object)[labels] if n else [], pa.string())  # fmt: skip
+    ranks = pc.utf8_lpad(pc.cast(selected["rank"], pa.string()), 5, "0")
+    selected = selected.append_column("key", pc.binary_join_element_wise(names, ranks, "_"))
+    shuffled = selected.take(pa.array(np.random.default_rng(seed).permutation(n)))
+    return [shuffled.slice(i, samples_per_shard) for i in range(0, n, samples_per_shard)]
 
 
 def shard_name(shift: str, i: int) -> str:

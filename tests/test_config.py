@@ -82,3 +82,13 @@ def test_cli_missing_config_file(tmp_path):
     proc = run_cli("curate", str(tmp_path / "nope.yaml"))
     assert proc.returncode == 2 and "config file not found" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_shipped_real_config_is_valid_apart_from_its_resources():
+    from .conftest import REPO
+
+    config = load_config(REPO / "configs" / "la1000_img2img.yaml", check_resources=False)
+    assert config.target_per_class == 1300 and config.classes.first is None
+    assert config.curator.params.exemplars == "data/imagenet/train"
+    with pytest.raises(ConfigError, match="curator.params.index"):
+        load_config(REPO / "configs" / "la1000_img2img.yaml")
