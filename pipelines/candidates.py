@@ -60,11 +60,6 @@ def write_candidates(path: Path, cands: list[Candidate], model: dict) -> None:
     os.replace(tmp, path)
 
 
-def read_model(path: Path) -> dict:
-    meta = pq.read_schema(path).metadata or {}
-    return json.loads(meta.get(b"model", b"{}"))
-
-
 def _setup(curator_name: str, params: Any):
     return create_curator(curator_name, params)
 

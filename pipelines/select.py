@@ -89,6 +89,7 @@ def select_class(
     f: ClassFile, win: np.ndarray, target: int, threshold: float
 ) -> tuple[pa.Table, dict]:
     table = pq.ParquetFile(f.path).read()
+    model = (table.schema.metadata or {}).get(b"model", b"{}").decode()
     total = table.num_rows
     rows = np.flatnonzero(win)
     # Score order, ties by source id, so the choice never depends on file order.
@@ -107,7 +108,6 @@ def select_class(
     table = table.drop_columns(["embedding"]).take(pa.array(rows[keep]))
     table = table.replace_schema_metadata(None)
     n = table.num_rows
-    model = (table.schema.metadata or {}).get(b"model", b"{}").decode()
     table = table.append_column("label", pa.array(np.full(n, f.cls.index, np.int32)))
     table = table.append_column("rank", pa.array(np.arange(n, dtype=np.int32)))
     table = table.append_column("model", pa.array([model] * n, pa.string()))

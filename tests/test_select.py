@@ -1,5 +1,7 @@
 """Balancing: claims across classes, exact and near duplicates, targets, seeded shard plans."""
 
+import json
+
 import numpy as np
 
 from curators import Candidate, label_set
@@ -55,6 +57,7 @@ def test_near_duplicates_dropped_and_target_filled_from_below(tmp_path):
     table, stats = select_all(files, target=3, threshold=0.99)
     assert table["source_id"].to_pylist() == ["a", "b", "c"]
     assert table["rank"].to_pylist() == [0, 1, 2]
+    assert {json.loads(m)["name"] for m in table["model"].to_pylist()} == {"m"}
     assert stats[0]["near_duplicates"] == 1 and stats[0]["selected"] == 3
 
 
