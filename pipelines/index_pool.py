@@ -30,7 +30,7 @@ from curators.knn_index import (
     write_info,
 )
 from shards.images import BadImage, decode
-from shards.reader import split_name
+from shards.reader import iter_sample_members
 
 from .errors import UserError
 from .workdir import RunLock
@@ -50,26 +50,8 @@ def pool_shards(pool: str) -> list[Path]:
     return [p.resolve() for p in found]
 
 
-def iter_pool_samples(path: Path):
-    """(key, {ext: (offset, bytes)}) per sample, reading the tar once, in order."""
-    import tarfile
-
-    key, files = None, {}
-    with tarfile.open(path, "r:") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            k, ext = split_name(info.name)
-            if k != key:
-                if key is not None:
-                    yield key, files
-                key, files = k, {}
-            files[ext.lower()] = (info.offset_data, tar.extractfile(info).read())
-    if key is not None:
-        yield key, files
-
-
 def _describe(key: str, shard: Path, files: dict) -> tuple[dict | None, bytes | None, str | None]:
+    files = {ext.lower(): v for ext, v in files.items()}
     ext = next((e for e in IMAGE_EXTS if e in files), None)
     if ext is None:
         return None, None, "no image member"
@@ -142,7 +124,7 @@ def embed_shard(root: Path, batch_size: int, encoder, unit: tuple[int, str]) -> 
                 consume(pending[0], [r for f in pending[1] for r in f.result()])
             pending, batch, datas = (batch, futures), [], []
 
-        for key, files in iter_pool_samples(shard):
+        for key, files in iter_sample_members(shard):
             row, data, problem = _describe(key, shard, files)
             if problem:
                 skipped.append({"key": key, "shard": str(shard), "reason": problem})

@@ -88,3 +88,35 @@ def test_reencode_bounds_size_and_rejects_bad_bytes():
         except BadImage:
             continue
         raise AssertionError("bad bytes were accepted")
+
+
+def test_header_walk_matches_tarfile_on_foreign_tars(tmp_path):
+    """Tars written by other tools: GNU long names, pax paths, ustar prefixes, directories."""
+    from shards.reader import CorruptTar, iter_entries
+
+    long_name = "d/" + "x" * 150 + ".jpg"
+    for fmt in (tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT):
+        path = tmp_path / f"{fmt}.tar"
+        with tarfile.open(path, "w", format=fmt) as tar:
+            names = ["a/b.jpg", "ünï.cls", ("p" * 90 + "/" + "q" * 60 + ".txt")]
+            if fmt != tarfile.USTAR_FORMAT:
+                names.append(long_name)
+            dir_info = tarfile.TarInfo("a")
+            dir_info.type = tarfile.DIRTYPE
+            tar.addfile(dir_info)
+            for i, name in enumerate(names):
+                info = tarfile.TarInfo(name)
+                info.size = 700 + i
+                tar.addfile(info, io.BytesIO(bytes([i]) * info.size))
+        data = path.read_bytes()
+        with tarfile.open(path) as tar:
+            expected = [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+        assert list(iter_entries(data)) == expected
+    broken = bytearray(data)
+    broken[0] ^= 0x01
+    try:
+        list(iter_entries(bytes(broken)))
+    except CorruptTar:
+        pass
+    else:
+        raise AssertionError("a damaged header went unnoticed")
