@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,8 +45,8 @@ def resolve_claims(files: list[ClassFile]) -> list[np.ndarray]:
         sizes.append(t.num_rows)
     if not sizes or sum(sizes) == 0:
         return [np.zeros(n, bool) for n in sizes]
-    codes = pa.chunked_array([c for k in keys for c in k.chunks], pa.string())
-    codes = pc.dictionary_encode(codes).combine_chunks().indices.to_numpy()
+    codes = pa.chunked_array([c for k in keys for c in k.chunks], pa.string()).combine_chunks()
+    codes = pc.dictionary_encode(codes).indices.to_numpy()
     score = np.concatenate(scores)
     label = np.concatenate(labels)
     # Winner per image: highest score, ties to the lower class index.
@@ -136,12 +137,15 @@ def shortfall_reason(s: dict) -> str:
 def select_all(
     files: list[ClassFile], target: int, threshold: float
 ) -> tuple[pa.Table, list[dict]]:
+    from threadpoolctl import threadpool_limits
+
     wins = resolve_claims(files)
-    tables, stats = [], []
-    for f, win in zip(files, wins, strict=True):
-        t, s = select_class(f, win, target, threshold)
-        tables.append(t)
-        stats.append(s)
+    # Classes are independent once claims are settled: one thread per core, each with a
+    # single-threaded BLAS (nested BLAS threads would oversubscribe the cores).
+    with threadpool_limits(1, "blas"), ThreadPoolExecutor(os.cpu_count()) as pool:
+        done = list(pool.map(lambda fw: select_class(*fw, target, threshold), zip(files, wins, strict=True)))  # fmt: skip
+    tables = [t for t, _ in done]
+    stats = [s for _, s in done]
     return pa.concat_tables(tables) if tables else pa.table({}), stats
 
 

@@ -111,7 +111,9 @@ def iter_members(path: str | os.PathLike) -> Iterator[Member]:
             yield Member(key, ext, offset, size)
 
 
-def iter_sample_members(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, tuple[int, bytes]]]]:
+def iter_sample_members(
+    path: str | os.PathLike,
+) -> Iterator[tuple[str, dict[str, tuple[int, bytes]]]]:
     """(key, {ext: (data offset, bytes)}) per sample, in tar order."""
     key: str | None = None
     files: dict[str, tuple[int, bytes]] = {}
