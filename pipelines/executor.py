@@ -13,8 +13,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from curators.base import ResourceError
+
 from .errors import UserError
 
+USER_ERRORS = (UserError, ResourceError)
+_ERROR = "__user_error__"
 Setup = Callable[[], Any]
 Work = Callable[[Any, Any], dict]
 
@@ -76,11 +80,23 @@ class LocalExecutor:
 
 
 class _Worker:
+    """A Ray actor holding one stage's state. A user's error (missing resource, bad value)
+    comes back as a value, so the driver can print its one line instead of Ray's traceback."""
+
     def __init__(self, setup: Setup) -> None:
-        self.state = setup()
+        self.state, self.error = None, None
+        try:
+            self.state = setup()
+        except USER_ERRORS as e:
+            self.error = e
 
     def run(self, work: Work, unit: Any) -> dict:
-        return work(self.state, unit)
+        if self.error is not None:
+            return {_ERROR: self.error}
+        try:
+            return work(self.state, unit)
+        except USER_ERRORS as e:
+            return {_ERROR: e}
 
 
 class RayExecutor:
@@ -106,6 +122,8 @@ class RayExecutor:
         }
         if address is None:
             kwargs["num_cpus"] = workers or os.cpu_count()
+        else:
+            _probe(address)  # ray.init retries an unreachable address for minutes
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:
@@ -168,21 +186,25 @@ class RayExecutor:
         self.ray.shutdown()
 
 
-def _unwrap(ray: Any, ref: Any) -> dict:
-    """Re-raise a worker's error as itself, so user errors still exit 2 with their message."""
+def _probe(address: str, timeout: float = 5.0) -> None:
+    import socket
+
+    host_port = address.removeprefix("ray://")
+    if address == "auto" or ":" not in host_port:
+        return
+    host, _, port = host_port.rpartition(":")
     try:
-        return ray.get(ref)
-    except ray.exceptions.RayTaskError as e:
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, Exception):
-            raise cause from None
-        raise
-    except ray.exceptions.ActorDiedError as e:
-        cause = getattr(e, "cause", None) or getattr(e, "base_exception", None)
-        inner = getattr(cause, "cause", None)
-        if isinstance(inner, Exception):
-            raise inner from None
-        raise
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot reach Ray cluster at {address}: {e}") from None
+
+
+def _unwrap(ray: Any, ref: Any) -> dict:
+    result = ray.get(ref)
+    if _ERROR in result:
+        raise result[_ERROR]
+    return result
 
 
 def make_executor(kind: str, address: str | None, workers: int | None, progress: bool):
