@@ -22,6 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from shards.atomic import atomic_path, atomic_write_bytes
+
 from .base import ResourceError
 
 INFO = "index_info.json"
@@ -73,10 +75,8 @@ def read_info(root: str | os.PathLike) -> IndexInfo:
 
 
 def write_info(root: str | os.PathLike, info: IndexInfo) -> None:
-    path = Path(root) / INFO
-    tmp = path.with_name(f".{INFO}.tmp")
-    tmp.write_text(json.dumps(asdict(info), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    blob = json.dumps(asdict(info), indent=2, sort_keys=True) + "\n"
+    atomic_write_bytes(Path(root) / INFO, blob.encode())
 
 
 def build_faiss_index(root: str | os.PathLike, parts: int, factory: str, seed: int = 0) -> int:
@@ -98,9 +98,8 @@ def build_faiss_index(root: str | os.PathLike, parts: int, factory: str, seed: i
     for a in arrays:
         for start in range(0, a.shape[0], 65536):
             index.add(np.ascontiguousarray(a[start : start + 65536], dtype=np.float32))
-    tmp = Path(root) / f".{FAISS_FILE}.tmp"
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, Path(root) / FAISS_FILE)
+    with atomic_path(Path(root) / FAISS_FILE) as tmp:
+        faiss.write_index(index, str(tmp))
     return count
 
 

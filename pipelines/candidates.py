@@ -6,7 +6,6 @@ Each class's candidates land in _work/candidates/<index>.parquet (the unit's com
 from __future__ import annotations
 
 import json
-import os
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curators import Candidate, ImageNetClass, create_curator
+from shards.atomic import atomic_path
 
 SCHEMA = pa.schema(
     [
@@ -55,9 +55,8 @@ def write_candidates(path: Path, cands: list[Candidate], model: dict) -> None:
     table = pa.table(cols, schema=SCHEMA).replace_schema_metadata(
         {"model": json.dumps(model, sort_keys=True)}
     )
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def _setup(curator_name: str, params: Any):

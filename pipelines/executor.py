@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from curators.base import ResourceError
@@ -139,12 +139,11 @@ class RayExecutor:
 
     def map(
         self, desc: str, units: list, work: Work, setup: Setup = _no_setup, gpu: bool = False,
-        max_workers: int | None = None,
     ) -> Iterator[dict]:  # fmt: skip
         if not units:
             return
         ray = self.ray
-        n = min(len(units), self.workers, max_workers or len(units))
+        n = min(len(units), self.workers)
         options: dict[str, Any] = {"num_cpus": 1}
         if gpu and self.gpus:
             n = min(n, self.gpus)
@@ -211,7 +210,3 @@ def make_executor(kind: str, address: str | None, workers: int | None, progress:
     if kind == "local":
         return LocalExecutor(progress)
     return RayExecutor(address, workers, progress)
-
-
-def drain(results: Iterable[dict]) -> list[dict]:
-    return list(results)

@@ -12,8 +12,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from shards.atomic import atomic_path, atomic_write_bytes
 from shards.card import dataset_card
-from shards.manifest import FORMAT, INDEX, MANIFEST, atomic_write_bytes, write_json
+from shards.manifest import FORMAT, INDEX, MANIFEST, write_json
 
 from . import __version__
 from .materialize import ROW_SCHEMA
@@ -31,12 +32,10 @@ def finalize(shift_dir: Path, work, config, classes, run_facts: dict) -> dict:
     rows = pa.concat_tables(tables) if tables else ROW_SCHEMA.empty_table()
     ok = rows.filter(pc.equal(rows["status"], "ok")).drop_columns(["status", "reason"])
     skipped = rows.filter(pc.equal(rows["status"], "skipped"))
-    pq.write_table(ok, shift_dir / f".{INDEX}.tmp")
-    (shift_dir / f".{INDEX}.tmp").replace(shift_dir / INDEX)
-    pq.write_table(
-        skipped.select(["key", "label", "wnid", "source_id", "url", "reason"]),
-        shift_dir / "skipped.parquet",
-    )
+    with atomic_path(shift_dir / INDEX) as tmp:
+        pq.write_table(ok, tmp)
+    with atomic_path(shift_dir / "skipped.parquet") as tmp:
+        pq.write_table(skipped.select(["key", "label", "wnid", "source_id", "url", "reason"]), tmp)
 
     stats = {s["label"]: s for s in json.loads((work.plan / "stats.json").read_text())["classes"]}
     kept = Counter(ok["wnid"].to_pylist())
@@ -99,7 +98,8 @@ def summary_table(manifest: dict, limit: int = 40) -> str:
         out.append(f"... {len(rows) - len(shown)} more classes (see manifest.json per_class)")
     total_target = sum(r["target"] for r in rows)
     out.append(
-        f"total: {manifest['total_samples']} / {total_target} samples, {len(short)} classes short, "
+        f"total: {manifest['total_samples']} / {total_target} samples, "
+        f"{len(short)} {'class' if len(short) == 1 else 'classes'} short, "
         f"{manifest['skipped']['count']} skipped, {len(manifest['shards'])} shards"
     )
     return "\n".join(out)

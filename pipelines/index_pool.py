@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import io
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -29,6 +27,7 @@ from curators.knn_index import (
     read_info,
     write_info,
 )
+from shards.atomic import atomic_path
 from shards.images import BadImage, decode
 from shards.reader import iter_sample_members
 
@@ -144,26 +143,13 @@ def embed_shard(root: Path, batch_size: int, encoder, unit: tuple[int, str]) -> 
         txt[has] = encoder.encode_texts([captions[i] for i in has])
     img = np.concatenate(img_out) if img_out else np.zeros((0, encoder.dim), np.float32)
     for name, arr in (("img_emb", img), ("text_emb", txt)):
-        _atomic_npy(paths[name], arr)
-    _atomic_parquet(paths["skipped"], pa.Table.from_pylist(skipped, schema=SKIPPED_SCHEMA))
-    _atomic_parquet(paths["metadata"], pa.Table.from_pylist(rows, schema=METADATA_SCHEMA))
+        with atomic_path(paths[name]) as tmp, open(tmp, "wb") as f:
+            np.save(f, arr)
+    with atomic_path(paths["skipped"]) as tmp:
+        pq.write_table(pa.Table.from_pylist(skipped, schema=SKIPPED_SCHEMA), tmp)
+    with atomic_path(paths["metadata"]) as tmp:  # last: the part's commit marker
+        pq.write_table(pa.Table.from_pylist(rows, schema=METADATA_SCHEMA), tmp)
     return {"part": part, "samples": len(rows), "skipped": len(skipped)}
-
-
-def _atomic_npy(path: Path, arr: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    np.save(buf, arr)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
-
-
-def _atomic_parquet(path: Path, table: pa.Table) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
 
 
 def _make_encoder(model: str, pretrained: str | None, device: str, batch_size: int):

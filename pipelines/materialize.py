@@ -9,7 +9,6 @@ means the tar is written again, to the same bytes.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from shards.atomic import atomic_path
 from shards.images import BadImage, reencode
 from shards.manifest import dumps_canonical
 from shards.reader import read_range
@@ -147,9 +147,8 @@ def write_shard(ctx: SampleContext, plan_file: Path, shard_path: Path, rows_path
     table = pa.Table.from_pylist(out_rows, schema=ROW_SCHEMA).replace_schema_metadata(
         {"shard": json.dumps({"name": info.name, "sha256": info.sha256, "samples": info.samples, "bytes": info.bytes})}
     )  # fmt: skip
-    tmp = rows_path.with_name(f".{rows_path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, rows_path)
+    with atomic_path(rows_path) as tmp:
+        pq.write_table(table, tmp)
     return {"shard": info.name, "samples": info.samples, "skipped": len(plan) - info.samples}
 
 

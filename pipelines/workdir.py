@@ -12,7 +12,7 @@ import os
 import socket
 from pathlib import Path
 
-from shards.manifest import atomic_write_bytes
+from shards.atomic import atomic_write_bytes
 
 from .errors import UserError
 
