@@ -16,6 +16,7 @@ import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -166,10 +167,8 @@ def shard_name(shift: str, i: int) -> str:
     return f"{shift}-{i:06d}.tar"
 
 
-def run_select(config, classes: list[ImageNetClass], work) -> dict:
-    """Writes _work/plan/ (one parquet per shard, stats.json) atomically as a whole."""
-    if (work.plan / "stats.json").exists():
-        return {"units": 1, "run": 0}
+def write_plan(config, classes: list[ImageNetClass], work, _state=None, _unit=None) -> dict:
+    """The select unit: writes _work/plan/ (a parquet per shard, stats.json) as a whole."""
     from .candidates import candidates_path
 
     files = [ClassFile(c, candidates_path(work.candidates, c)) for c in classes]
@@ -185,6 +184,12 @@ def run_select(config, classes: list[ImageNetClass], work) -> dict:
     for i, t in enumerate(shards):
         pq.write_table(t, tmp / f"{shard_name(config.shift, i)}.parquet")
     (tmp / "stats.json").write_text(json.dumps({"classes": stats}, indent=2, sort_keys=True))
-    shutil.rmtree(work.plan, ignore_errors=True)  # a stale, uncommitted plan of a killed run
-    os.replace(tmp, work.plan)
-    return {"units": 1, "run": 1, "selected": selected.num_rows, "shards": len(shards)}
+    os.replace(tmp, work.plan)  # the plan folder appears whole or not at all
+    return {"samples": selected.num_rows, "shards": len(shards)}
+
+
+def run_select(executor, config, classes: list[ImageNetClass], work) -> dict:
+    if work.plan.exists():
+        return {"units": 1, "run": 0}
+    (result,) = executor.map("select", [0], partial(write_plan, config, classes, work))
+    return {"units": 1, "run": 1, **result}

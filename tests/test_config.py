@@ -92,3 +92,23 @@ def test_shipped_real_config_is_valid_apart_from_its_resources():
     assert config.curator.params.exemplars == "data/imagenet/train"
     with pytest.raises(ConfigError, match="curator.params.index"):
         load_config(REPO / "configs" / "la1000_img2img.yaml")
+
+
+@pytest.mark.parametrize(
+    "args, culprit",
+    [
+        (["index", "/no/such/pool", "--out", "IDX", "--executor", "local"], "no pool shards (.tar) at /no/such/pool"),
+        (["index", "POOL", "--out", "IDX", "--model", "ViT-Nope", "--executor", "local"], "unknown open_clip model: ViT-Nope"),
+        (["index", "POOL", "--out", "IDX", "--model", "imagenetpp-tiny", "--pretrained", "/no/ckpt.pt", "--executor", "local"], "model checkpoint not found: /no/ckpt.pt"),
+        (["verify", "/no/such/shift"], "no such shift folder: /no/such/shift"),
+    ],
+)  # fmt: skip
+def test_other_commands_name_missing_resources(demo_world, tmp_path, args, culprit):
+    args = [
+        str(demo_world / "pool") if a == "POOL" else str(tmp_path / "idx") if a == "IDX" else a
+        for a in args
+    ]
+    proc = run_cli(*args)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"imagenetpp: error: {culprit}"
+    assert "Traceback" not in proc.stderr
