@@ -160,7 +160,9 @@ def bench_select() -> dict:
     return result
 
 
-def bench_index_embed(model: str, pretrained: str | None, images: int, batch: int) -> dict:
+def bench_index_embed(
+    model: str, pretrained: str | None, images: int, batch: int, repeats: int = 5
+) -> dict:
     import shutil
 
     import torch
@@ -207,7 +209,11 @@ def bench_index_embed(model: str, pretrained: str | None, images: int, batch: in
                 feats.append(encoder.model.encode_image(torch.stack(pixels)))
                 feats.append(encoder.model.encode_text(encoder.tokenizer(texts)))
 
-    t_bare, t_ours = best_of(bare, 2), best_of(ours, 2)
+    # Interleaved, best of several: this machine's speed drifts by tens of percent.
+    t_bare, t_ours = float("inf"), float("inf")
+    for _ in range(repeats):
+        t_bare = min(t_bare, best_of(bare, 1))
+        t_ours = min(t_ours, best_of(ours, 1))
     return {
         "model": model,
         "images": images,
@@ -234,7 +240,7 @@ def main() -> None:
     print("index_embed ...", flush=True)
     results["index_embed_tiny"] = bench_index_embed("imagenetpp-tiny", tiny_ckpt, 2000, 256)
     print(results["index_embed_tiny"], flush=True)
-    results["index_embed_vit_b_32"] = bench_index_embed("ViT-B-32", None, 256, 64)
+    results["index_embed_vit_b_32"] = bench_index_embed("ViT-B-32", None, 256, 64, repeats=2)
     print(results["index_embed_vit_b_32"], flush=True)
     results["peak_rss_mb_bench_process"] = round(
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -35,7 +36,9 @@ from .errors import UserError
 from .workdir import RunLock
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-PREP_THREADS = 2  # decode + preprocess threads per embedding worker (PIL releases the GIL)
+# Decode + preprocess threads per embedding worker (PIL releases the GIL); one core stays
+# with the model.
+PREP_THREADS = max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
 def pool_shards(pool: str) -> list[Path]:

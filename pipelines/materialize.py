@@ -8,6 +8,7 @@ means the tar is written again, to the same bytes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from functools import partial
@@ -112,8 +113,6 @@ def sample_metadata(ctx: SampleContext, row: dict, sha256: str, width: int, heig
 
 
 def write_shard(ctx: SampleContext, plan_file: Path, shard_path: Path, rows_path: Path) -> dict:
-    import hashlib
-
     plan = pq.read_table(plan_file).to_pylist()
     out_rows = []
     with ShardWriter(shard_path) as writer:

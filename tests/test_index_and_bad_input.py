@@ -138,3 +138,26 @@ def test_corrupt_pool_item_at_write_time_is_skipped_and_recorded(
         with open(row["shard"], "r+b") as f:
             f.seek(row["offset"])
             f.write(original)  # the pool fixture is shared by the module
+
+
+def test_index_killed_midway_resumes_to_the_same_bytes(demo_world, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    from .conftest import CLI, REPO
+
+    ckpt = str(demo_world / "model" / "imagenetpp-tiny.pt")
+    args = ["index", str(demo_world / "pool"), "--model", "imagenetpp-tiny", "--pretrained", ckpt,
+            "--executor", "local", "--no-progress", "--batch-size", "32"]  # fmt: skip
+    assert run_cli(*args, "--out", str(tmp_path / "clean")).returncode == 0
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([CLI, *args, "--out", str(out)], cwd=REPO, stderr=subprocess.DEVNULL)
+    while proc.poll() is None and not (out / "metadata" / "metadata_00000.parquet").exists():
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (out / "index_info.json").exists()
+    assert run_cli(*args, "--out", str(out)).returncode == 0
+    for rel in ["image.index", "img_emb/img_emb_00003.npy", "text_emb/text_emb_00000.npy", "metadata/metadata_00002.parquet"]:  # fmt: skip
+        assert (out / rel).read_bytes() == (tmp_path / "clean" / rel).read_bytes(), rel
