@@ -8,6 +8,8 @@ Layout of an index folder (one part per pool shard, parts in pool-shard order)::
                                      shard, offset, size (where the bytes are)
     skipped/skipped_00000.parquet    pool items that could not be decoded, with the reason
     image.index                   faiss index over img_emb, inner product, ids = row number
+    metadata.arrow                all metadata parts as one Arrow IPC file: memory-mapped by
+                                  every worker, so the page cache holds one copy, not one each
     index_info.json               model, weights, dim, count, faiss factory; written last
 """
 
@@ -28,6 +30,7 @@ from .base import ResourceError
 
 INFO = "index_info.json"
 FAISS_FILE = "image.index"
+METADATA_ARROW = "metadata.arrow"
 METADATA_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
@@ -103,6 +106,15 @@ def build_faiss_index(root: str | os.PathLike, parts: int, factory: str, seed: i
     return count
 
 
+def write_metadata_arrow(root: str | os.PathLike, parts: int) -> None:
+    with atomic_path(Path(root) / METADATA_ARROW) as tmp:
+        with pa.ipc.new_file(str(tmp), METADATA_SCHEMA) as writer:
+            for i in range(parts):
+                writer.write_table(
+                    pq.read_table(part_paths(root, i)["metadata"], schema=METADATA_SCHEMA)
+                )
+
+
 def _take_rows(arrays: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
     offsets = np.cumsum([0] + [a.shape[0] for a in arrays])
     out = []
@@ -127,9 +139,13 @@ class PoolIndex:
         except RuntimeError:
             pass  # flat indexes have no nprobe
         parts = [part_paths(root, i) for i in range(self.info.parts)]
-        self.metadata = pa.concat_tables(
-            [pq.read_table(p["metadata"], schema=METADATA_SCHEMA) for p in parts]
-        )
+        arrow = self.root / METADATA_ARROW
+        if arrow.exists():  # zero-copy: take() touches only the pages of the rows it returns
+            self.metadata = pa.ipc.open_file(pa.memory_map(str(arrow))).read_all()
+        else:  # an index written before metadata.arrow existed
+            self.metadata = pa.concat_tables(
+                [pq.read_table(p["metadata"], schema=METADATA_SCHEMA) for p in parts]
+            )
         self._emb = [np.load(p["img_emb"], mmap_mode="r") for p in parts]
         self._offsets = np.cumsum([0] + [a.shape[0] for a in self._emb])
 

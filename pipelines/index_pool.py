@@ -27,6 +27,7 @@ from curators.knn_index import (
     part_paths,
     read_info,
     write_info,
+    write_metadata_arrow,
 )
 from shards.atomic import atomic_path
 from shards.images import BadImage, decode
@@ -193,6 +194,7 @@ def build_index(
         del results
         dim = int(np.load(part_paths(out, 0)["img_emb"], mmap_mode="r").shape[1])
         count = build_faiss_index(out, len(shards), factory)
+        write_metadata_arrow(out, len(shards))
         skipped = sum(
             pq.read_metadata(part_paths(out, i)["skipped"]).num_rows for i in range(len(shards))
         )
