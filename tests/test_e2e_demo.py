@@ -4,7 +4,6 @@ import json
 from collections import Counter
 
 import pyarrow.parquet as pq
-import pytest
 import webdataset as wds
 
 from shards.manifest import sha256_file
@@ -109,11 +108,10 @@ def test_same_config_same_bytes_with_the_local_executor(demo_shift, tmp_path):
     assert ours == ray
 
 
-@pytest.mark.parametrize("templates", ["simple"])
-def test_text_queries_find_the_class(demo_world, tmp_path, templates):
+def test_text_queries_find_the_class(demo_world, tmp_path):
     proc = run_cli(
         "curate", str(DEMO_CONFIG), "--out", str(tmp_path), "--executor", "local", "--no-progress",
-        "--set", "curator.params.queries=text", "--set", f"curator.params.templates={templates}",
+        "--set", "curator.params.queries=text", "--set", "curator.params.templates=simple",
         "--set", "curator.params.min_similarity=0.0", "--set", "target_per_class=40",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
