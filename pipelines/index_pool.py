@@ -43,11 +43,15 @@ PREP_THREADS = max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
 def pool_shards(pool: str) -> list[Path]:
-    """A folder of .tar files, or a glob pattern."""
+    """A folder of .tar files, a glob, or a brace pattern as img2dataset users write them
+    (``laion/{00000..00999}.tar``)."""
+    from braceexpand import braceexpand
+
     path = Path(pool)
-    found = (
-        sorted(path.glob("*.tar")) if path.is_dir() else sorted(Path(p) for p in glob.glob(pool))
-    )
+    if path.is_dir():
+        found = sorted(path.glob("*.tar"))
+    else:
+        found = sorted({Path(p) for pattern in braceexpand(pool) for p in glob.glob(pattern)})
     if not found:
         raise UserError(f"no pool shards (.tar) at {pool}")
     return [p.resolve() for p in found]

@@ -161,3 +161,15 @@ def test_index_killed_midway_resumes_to_the_same_bytes(demo_world, tmp_path):
     assert run_cli(*args, "--out", str(out)).returncode == 0
     for rel in ["image.index", "img_emb/img_emb_00003.npy", "text_emb/text_emb_00000.npy", "metadata/metadata_00002.parquet"]:  # fmt: skip
         assert (out / rel).read_bytes() == (tmp_path / "clean" / rel).read_bytes(), rel
+
+
+def test_pool_patterns(small_pool):
+    from pipelines.errors import UserError
+    from pipelines.index_pool import pool_shards
+
+    both = [small_pool / "00000.tar", small_pool / "00001.tar"]
+    assert pool_shards(str(small_pool)) == both
+    assert pool_shards(str(small_pool / "{00000..00001}.tar")) == both
+    assert pool_shards(str(small_pool / "*1.tar")) == both[1:]
+    with pytest.raises(UserError, match="no pool shards"):
+        pool_shards(str(small_pool / "{00005..00009}.tar"))
