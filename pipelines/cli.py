@@ -78,6 +78,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from .workdir import progress_report
+
+    print("\n".join(progress_report(Path(args.shift_dir))))
+    return 0
+
+
 def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ray-address", help="join this Ray cluster (default: $RAY_ADDRESS, else a local one)"
@@ -116,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     _run_options(p)
     p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("status", help="how far a shift's run has got (committed units per stage)")
+    p.add_argument("shift_dir")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser(
         "verify", help="re-read a shift's shards and check them against its manifest"

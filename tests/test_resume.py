@@ -68,6 +68,8 @@ def test_sigkill_then_resume_gives_identical_shards(clean_run, tmp_path, point):
     assert kill_when(tmp_path, KILL_POINTS[point]), "the run finished before it could be killed"
     shift = tmp_path / "demo-knn-img"
     assert not (shift / "manifest.json").exists()
+    status = run_cli("status", str(shift), check=True).stdout
+    assert "finalize: not yet" in status and "re-run the same command to resume" in status
     proc = run_cli("curate", str(DEMO_CONFIG), "--out", str(tmp_path), *ARGS)
     assert proc.returncode == 0, proc.stderr
     assert shard_hashes(shift) == shard_hashes(clean_run)
@@ -79,6 +81,7 @@ def test_sigkill_then_resume_gives_identical_shards(clean_run, tmp_path, point):
     )
     assert not [p for p in (shift / "shards").iterdir() if p.name.startswith(".")]  # no temporaries
     assert run_cli("verify", str(shift)).returncode == 0
+    assert "finalize: done" in run_cli("status", str(shift), check=True).stdout
 
 
 def test_rerun_of_a_finished_shift_skips_all_work(clean_run):
@@ -102,6 +105,10 @@ def test_a_second_concurrent_run_is_refused(demo_world, tmp_path):
         held.write("pid 12345 on testhost\n")
         held.flush()
         proc = run_cli("curate", str(DEMO_CONFIG), "--out", str(tmp_path), *ARGS)
+        (shift / "_work").mkdir()
+        (shift / "_work" / "run.json").write_text('{"config_hash": "x", "config": {"shift": "demo-knn-img", "classes": {"first": 3}}}')  # fmt: skip
+        status = run_cli("status", str(shift), check=True).stdout
+    assert "run: active, pid 12345 on testhost" in status and "candidates: 0/3 classes" in status
     assert proc.returncode == 2
     assert "in use by another run" in proc.stderr and "pid 12345" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
