@@ -135,6 +135,7 @@ def make_candidates(
                 "caption": ["a caption"] * n,
                 "license": [None] * n,
                 "sha256": [None] * n,
+                "duplicate_group": [None] * n,
                 "locator": ['{"kind":"tar"}'] * n,
                 "seed": pa.nulls(n, pa.int64()),
                 "prompt": pa.nulls(n, pa.string()),

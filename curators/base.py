@@ -27,6 +27,7 @@ class Candidate:
     caption: str | None = None
     license: str | None = None
     sha256: str | None = None  # of the source bytes: exact duplicates share it
+    duplicate_group: str | None = None  # shared by near duplicates: one per shift is kept
     locator: dict[str, Any] = field(default_factory=dict)  # how to fetch the bytes
     embedding: np.ndarray | None = None  # L2-normalised, for near-duplicate removal
     seed: int | None = None

@@ -8,6 +8,7 @@ Layout of an index folder (one part per pool shard, parts in pool-shard order)::
                                      shard, offset, size (where the bytes are)
     skipped/skipped_00000.parquet    pool items that could not be decoded, with the reason
     image.index                   faiss index over img_emb, inner product, ids = row number
+    dup_groups.npy                int64 per row: the lowest row of its near-duplicate group
     metadata.arrow                all metadata parts as one Arrow IPC file: memory-mapped by
                                   every worker, so the page cache holds one copy, not one each
     index_info.json               model, weights, dim, count, faiss factory; written last
@@ -31,6 +32,7 @@ from .base import ResourceError
 INFO = "index_info.json"
 FAISS_FILE = "image.index"
 METADATA_ARROW = "metadata.arrow"
+DUP_GROUPS = "dup_groups.npy"
 METADATA_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
@@ -58,6 +60,7 @@ class IndexInfo:
     parts: int
     skipped: int
     pool: str
+    dedup_cosine: float | None = None  # near-duplicate groups at this cosine; None: none
 
 
 def part_paths(root: str | os.PathLike, part: int) -> dict[str, Path]:
@@ -115,6 +118,42 @@ def write_metadata_arrow(root: str | os.PathLike, parts: int) -> None:
                 )
 
 
+def near_duplicate_groups(
+    root: str | os.PathLike, parts: int, threshold: float, k: int = 16
+) -> int:
+    """Group pool rows whose image embeddings are at least ``threshold`` similar (connected
+    components over each row's k nearest neighbours); writes dup_groups.npy, returns the
+    number of rows that joined another's group."""
+    import faiss
+
+    index = faiss.read_index(str(Path(root) / FAISS_FILE))
+    parent = np.arange(index.ntotal, dtype=np.int64)
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = int(parent[i])
+        return i
+
+    row = 0
+    for part in range(parts):
+        emb = np.load(part_paths(root, part)["img_emb"], mmap_mode="r")
+        for start in range(0, emb.shape[0], 8192):
+            queries = np.ascontiguousarray(emb[start : start + 8192], dtype=np.float32)
+            sims, ids = index.search(queries, min(k, index.ntotal))
+            src = np.repeat(np.arange(row + start, row + start + len(queries)), ids.shape[1])
+            near = (sims.ravel() >= threshold) & (ids.ravel() >= 0) & (ids.ravel() != src)
+            for a, b in zip(src[near].tolist(), ids.ravel()[near].tolist(), strict=True):
+                ra, rb = find(a), find(b)
+                if ra != rb:  # the lower row becomes the root: groups do not depend on order
+                    parent[max(ra, rb)] = min(ra, rb)
+        row += emb.shape[0]
+    groups = np.array([find(i) for i in range(len(parent))], dtype=np.int64)
+    with atomic_path(Path(root) / DUP_GROUPS) as tmp, open(tmp, "wb") as f:
+        np.save(f, groups)
+    return int((groups != np.arange(len(groups))).sum())
+
+
 def _take_rows(arrays: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
     offsets = np.cumsum([0] + [a.shape[0] for a in arrays])
     out = []
@@ -147,6 +186,8 @@ class PoolIndex:
                 [pq.read_table(p["metadata"], schema=METADATA_SCHEMA) for p in parts]
             )
         self._emb = [np.load(p["img_emb"], mmap_mode="r") for p in parts]
+        groups = self.root / DUP_GROUPS
+        self.dup_groups = np.load(groups, mmap_mode="r") if groups.exists() else None
         self._offsets = np.cumsum([0] + [a.shape[0] for a in self._emb])
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

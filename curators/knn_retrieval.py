@@ -138,8 +138,9 @@ class ClipKnnCurator:
         rows = np.array([r for r, _ in ranked], dtype=np.int64)
         meta = self.index.rows(rows)
         emb = self.index.embeddings(rows)
+        groups = self.index.dup_groups
         out = []
-        for (_, (score, q)), m, e in zip(ranked, meta, emb, strict=True):
+        for (row, (score, q)), m, e in zip(ranked, meta, emb, strict=True):
             out.append(
                 Candidate(
                     source_id=m["key"],
@@ -151,6 +152,9 @@ class ClipKnnCurator:
                     caption=m["caption"],
                     license=m["license"],
                     sha256=m["sha256"],
+                    duplicate_group=None
+                    if groups is None
+                    else f"{self.index.info.pool}:{groups[row]}",
                     locator={
                         "kind": "tar",
                         "path": m["shard"],

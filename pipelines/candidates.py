@@ -28,6 +28,7 @@ SCHEMA = pa.schema(
         ("caption", pa.string()),
         ("license", pa.string()),
         ("sha256", pa.string()),
+        ("duplicate_group", pa.string()),
         ("locator", pa.string()),
         ("seed", pa.int64()),
         ("prompt", pa.string()),

@@ -50,13 +50,15 @@ def cmd_index(args: argparse.Namespace) -> int:
     from .executor import make_executor
     from .index_pool import build_index
 
+    if not 0.0 < args.dedup_cosine <= 1.0:
+        raise UserError(f"--dedup-cosine must lie in (0, 1], got {args.dedup_cosine}")
     executor = make_executor(
         args.executor or "ray", args.ray_address, args.workers, not args.no_progress
     )
     try:
         info = build_index(
             executor, args.pool, args.out, args.model, args.pretrained, args.factory,
-            args.batch_size, args.device,
+            args.batch_size, args.device, dedup_cosine=args.dedup_cosine,
         )  # fmt: skip
     finally:
         executor.shutdown()
@@ -120,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--factory", default="Flat", help="faiss index factory string, e.g. IVF4096,PQ64"
     )
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--dedup-cosine", type=float, default=0.95,
+                   help="group near-duplicate pool images at this cosine (1.0: off); a shift keeps one per group")  # fmt: skip
     p.add_argument("--device", default="auto")
     _run_options(p)
     p.set_defaults(func=cmd_index)

@@ -40,6 +40,9 @@ class ClassesConfig:
 class CuratorConfig:
     name: str
     params: Any = None  # the curator's params dataclass, once validated
+    # Params given as `demo:` names, hashed as named: the demo world's absolute location on
+    # this machine must not change the shards' bytes (their config_hash).
+    demo_params: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -87,6 +90,8 @@ class ShiftConfig:
         """Hash of everything that decides the shards' bytes (not where or how it ran)."""
         data = self.to_dict()
         data.pop("run")
+        curator = data["curator"]
+        curator["params"].update(curator.pop("demo_params"))
         blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -237,6 +242,9 @@ def parse_config(data: Any, check_resources: bool = True) -> ShiftConfig:
         )
     config = build_dataclass(ShiftConfig, {**rest, "curator": {"name": curator["name"]}})
     config.curator.params = params
+    config.curator.demo_params = {
+        k: v for k, v in raw_params.items() if isinstance(v, str) and v.startswith("demo:")
+    }
     if config.classes.first is not None and config.classes.wnids is not None:
         raise ConfigError("config key 'classes': give either 'first' or 'wnids', not both")
     if check_resources and hasattr(params, "check"):

@@ -3,7 +3,7 @@
 DEMO ONLY: it exercises the mechanics (index, retrieval, balancing, shards, resume), not the
 quality of a real shift. Built deterministically from a seed and cached:
 
-    <cache>/demo-world-v2-seed0/
+    <cache>/demo-world-v3-seed0/
       pool/pool-0000N.tar     img2dataset-style webdataset: <key>.jpg/.txt/.json
       exemplars/<wnid>/*.JPEG  ImageNet-train layout, the kNN queries
       model/                  imagenetpp-tiny open_clip checkpoint, trained on the pool
@@ -32,7 +32,7 @@ import numpy as np
 
 from .errors import UserError
 
-VERSION = 2
+VERSION = 3
 # (ImageNet index, pool items). Banana is scarce so the demo shows a shortfall.
 DEMO_CLASSES = [(1, 240), (22, 240), (130, 240), (291, 240), (340, 240),
                 (417, 240), (430, 240), (508, 240), (949, 240), (954, 60)]  # fmt: skip
@@ -330,7 +330,8 @@ def build_world(root: Path, seed: int, log=print) -> None:
     ckpt = train_tiny_clip(root, seed, log=log)
     log("  indexing the pool")
     build_index(LocalExecutor(progress=False), str(root / "pool"), root / "index",
-                "imagenetpp-tiny", str(ckpt), factory="Flat", pool_name="demo-pool")  # fmt: skip
+                "imagenetpp-tiny", str(ckpt), factory="Flat", pool_name="demo-pool",
+                dedup_cosine=0.995)  # fmt: skip
 
 
 def ensure_demo_world(seed: int = 0) -> Path:

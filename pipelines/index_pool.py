@@ -24,6 +24,7 @@ from curators.knn_index import (
     SKIPPED_SCHEMA,
     IndexInfo,
     build_faiss_index,
+    near_duplicate_groups,
     part_paths,
     read_info,
     write_info,
@@ -176,6 +177,7 @@ def build_index(
     batch_size: int = 64,
     device: str = "auto",
     pool_name: str | None = None,
+    dedup_cosine: float | None = 0.95,
 ) -> IndexInfo:
     """Embed every pool shard (skipping committed parts) and build the faiss index."""
     out = Path(out)
@@ -199,12 +201,15 @@ def build_index(
         dim = int(np.load(part_paths(out, 0)["img_emb"], mmap_mode="r").shape[1])
         count = build_faiss_index(out, len(shards), factory)
         write_metadata_arrow(out, len(shards))
+        if dedup_cosine is not None and dedup_cosine < 1.0:
+            near_duplicate_groups(out, len(shards), dedup_cosine)
         skipped = sum(
             pq.read_metadata(part_paths(out, i)["skipped"]).num_rows for i in range(len(shards))
         )
         info = IndexInfo(
             model=model, pretrained=pretrained, dim=dim, count=count, factory=factory,
             parts=len(shards), skipped=skipped, pool=pool_name or Path(pool).name,
+            dedup_cosine=dedup_cosine,
         )  # fmt: skip
         write_info(out, info)
         return info

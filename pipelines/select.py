@@ -1,7 +1,8 @@
 """Stage 2, select: per-class balancing of all candidates, then a seeded plan of shards.
 
-1. Claims: every distinct image (by sha256 of its bytes, else its source id) goes to the one
-   class where it scores best, so exact duplicates and multiply-claimed items count once.
+1. Claims: every distinct image (its near-duplicate group where the curator knows one, else
+   the sha256 of its bytes, else its source id) goes to the one class where it scores best,
+   so duplicates and multiply-claimed items count once in the whole shift.
 2. Per class, in score order, drop near duplicates (cosine above a threshold to an already
    kept candidate) and keep up to the target. A class that falls short says why.
 3. Keys are <wnid>_<rank>; a seeded permutation spreads classes across shards.
@@ -39,8 +40,8 @@ def resolve_claims(files: list[ClassFile]) -> list[np.ndarray]:
     """Per file, a boolean mask of the rows that win their image's claim."""
     labels, scores, keys, sizes = [], [], [], []
     for f in files:
-        t = pq.ParquetFile(f.path).read(columns=["source_id", "sha256", "score"])
-        keys.append(pc.coalesce(t["sha256"], t["source_id"]))
+        t = pq.ParquetFile(f.path).read(columns=["source_id", "sha256", "duplicate_group", "score"])
+        keys.append(pc.coalesce(t["duplicate_group"], t["sha256"], t["source_id"]))
         scores.append(t["score"].to_numpy())
         labels.append(np.full(t.num_rows, f.cls.index, np.int32))
         sizes.append(t.num_rows)
@@ -131,7 +132,7 @@ def shortfall_reason(s: dict) -> str:
         return "the curator found no candidates"
     return (
         f"pool ran out: {s['candidates']} candidates, {s['claimed_elsewhere_or_duplicate']} "
-        f"claimed by another class or exact duplicates, {s['near_duplicates']} near duplicates"
+        f"claimed by another class or duplicates of another image, {s['near_duplicates']} near duplicates"
     )
 
 

@@ -27,6 +27,10 @@ def test_overrides_change_values_and_hash(demo_world):
     # Where it runs does not change what it makes.
     moved = load_config(DEMO_CONFIG, ["run.out=/elsewhere", "run.executor=local"])
     assert moved.content_hash() == base.content_hash()
+    # Nor where this machine keeps the demo world: `demo:` names are hashed as written.
+    assert moved.curator.params.index.endswith("/index")
+    moved.curator.params.index = "/another/cache/index"
+    assert moved.content_hash() == base.content_hash()
 
 
 @pytest.mark.parametrize(

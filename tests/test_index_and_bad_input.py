@@ -173,3 +173,20 @@ def test_pool_patterns(small_pool):
     assert pool_shards(str(small_pool / "*1.tar")) == both[1:]
     with pytest.raises(UserError, match="no pool shards"):
         pool_shards(str(small_pool / "{00005..00009}.tar"))
+
+
+def test_planted_pool_duplicates_share_a_group(demo_world):
+    truth = {
+        r["key"]: r["kind"] for r in pq.read_table(demo_world / "ground_truth.parquet").to_pylist()
+    }
+    index = PoolIndex(demo_world / "index")
+    assert index.info.dedup_cosine == 0.995 and index.dup_groups is not None
+    keys = index.metadata["key"].to_pylist()
+    joined = {k for row, k in enumerate(keys) if index.dup_groups[row] != row}
+    exact = {k for k in keys if truth[k] == "exact_duplicate"}
+    near = {k for k in keys if truth[k] == "near_duplicate"}
+    assert exact and exact <= joined  # identical bytes, identical embeddings
+    # Re-encoded, brightened copies mostly clear a 0.995 cosine with a 3.4M-parameter model.
+    assert len(near & joined) >= 0.6 * len(near)
+    # Groups stay small: similarity chains do not swallow a class.
+    assert np.bincount(np.asarray(index.dup_groups)).max() < 20

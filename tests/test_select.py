@@ -41,6 +41,14 @@ def test_item_claimed_by_two_classes_goes_where_it_scores_best(tmp_path):
     assert stats[0]["claimed_elsewhere_or_duplicate"] == 1 and stats[0]["selected"] == 1
 
 
+def test_near_duplicate_group_is_claimed_once_across_classes(tmp_path):
+    a, b = cand("x", 0.6, [1, 0]), cand("y", 0.9, [1, 0.02])  # other bytes, same picture
+    a.duplicate_group = b.duplicate_group = "pool:7"
+    files = class_files(tmp_path, {0: [a, cand("z", 0.5, [0, 1])], 1: [b]})
+    table, stats = select_all(files, target=5, threshold=1.0)
+    assert {(r["label"], r["source_id"]) for r in table.to_pylist()} == {(0, "z"), (1, "y")}
+
+
 def test_exact_duplicates_by_sha256_count_once(tmp_path):
     files = class_files(tmp_path, {
         0: [cand("x", 0.9, [1, 0], sha="same"), cand("y", 0.8, [0, 1], sha="same"), cand("z", 0.7, [1, 1])],
