@@ -103,14 +103,19 @@ print(json.dumps({"wall_s": round(wall, 3), "selected": table.num_rows, "shards"
 def make_candidates(
     folder: Path, total: int = 1_280_000, classes: int = 1000, dim: int = 64
 ) -> None:
+    import shutil
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from pipelines.candidates import SCHEMA
 
-    if (folder / "DONE").exists():
+    marker = folder / "DONE"
+    stamp = json.dumps(SCHEMA.names)  # regenerate when the candidate schema changes
+    if marker.exists() and marker.read_text() == stamp:
         return
-    folder.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     sizes = rng.multinomial(total, rng.dirichlet(np.full(classes, 20.0)))
     shared = [f"s{i}" for i in range(20_000)]  # items several classes claim
@@ -146,7 +151,7 @@ def make_candidates(
             schema=SCHEMA,
         ).replace_schema_metadata({"model": json.dumps({"name": "bench", "weights": None})})
         pq.write_table(table, folder / f"{c:04d}.parquet")
-    (folder / "DONE").write_text("ok")
+    marker.write_text(stamp)
 
 
 def bench_select() -> dict:
