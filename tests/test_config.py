@@ -116,3 +116,11 @@ def test_other_commands_name_missing_resources(demo_world, tmp_path, args, culpr
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"imagenetpp: error: {culprit}"
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["demo_knn_img", "demo_knn_text", "la1000_img2img"])
+def test_every_shipped_config_parses(demo_world, name):
+    from .conftest import REPO
+
+    config = load_config(REPO / "configs" / f"{name}.yaml", check_resources=name.startswith("demo"))
+    assert config.shift == name.replace("_", "-")
