@@ -85,8 +85,8 @@ def write_info(root: str | os.PathLike, info: IndexInfo) -> None:
     atomic_write_bytes(Path(root) / INFO, blob.encode())
 
 
-def build_faiss_index(root: str | os.PathLike, parts: int, factory: str, seed: int = 0) -> int:
-    """Index every img_emb part (ids = global row numbers); returns the vector count."""
+def build_faiss_index(root: str | os.PathLike, parts: int, factory: str, seed: int = 0):
+    """Index every img_emb part (ids = global row numbers); writes and returns the index."""
     import faiss
 
     arrays = [np.load(part_paths(root, i)["img_emb"], mmap_mode="r") for i in range(parts)]
@@ -96,7 +96,7 @@ def build_faiss_index(root: str | os.PathLike, parts: int, factory: str, seed: i
         raise ResourceError(f"the pool has no decodable images: {root}")
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
-        # Train on an evenly spread sample, at most 256 points per centroid's worth.
+        # Train on a seeded sample of at most 100k rows: enough for IVF/PQ, bounded memory.
         want = min(count, 100_000)
         rows = np.random.default_rng(seed).choice(count, size=want, replace=False)
         rows.sort()
@@ -106,7 +106,7 @@ def build_faiss_index(root: str | os.PathLike, parts: int, factory: str, seed: i
             index.add(np.ascontiguousarray(a[start : start + 65536], dtype=np.float32))
     with atomic_path(Path(root) / FAISS_FILE) as tmp:
         faiss.write_index(index, str(tmp))
-    return count
+    return index
 
 
 def write_metadata_arrow(root: str | os.PathLike, parts: int) -> None:
@@ -119,14 +119,11 @@ def write_metadata_arrow(root: str | os.PathLike, parts: int) -> None:
 
 
 def near_duplicate_groups(
-    root: str | os.PathLike, parts: int, threshold: float, k: int = 16
+    root: str | os.PathLike, index, parts: int, threshold: float, k: int = 16
 ) -> int:
     """Group pool rows whose image embeddings are at least ``threshold`` similar (connected
     components over each row's k nearest neighbours); writes dup_groups.npy, returns the
     number of rows that joined another's group."""
-    import faiss
-
-    index = faiss.read_index(str(Path(root) / FAISS_FILE))
     parent = np.arange(index.ntotal, dtype=np.int64)
 
     def find(i: int) -> int:

@@ -204,13 +204,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _demo_names(params: dict) -> dict[str, str]:
+    return {k: v for k, v in params.items() if isinstance(v, str) and v.startswith("demo:")}
+
+
 def _resolve_demo_paths(params: dict) -> dict:
     from .demo_world import resolve_demo_path
 
-    return {
-        k: resolve_demo_path(v) if isinstance(v, str) and v.startswith("demo:") else v
-        for k, v in params.items()
-    }
+    return {**params, **{k: resolve_demo_path(v) for k, v in _demo_names(params).items()}}
 
 
 def parse_config(data: Any, check_resources: bool = True) -> ShiftConfig:
@@ -242,9 +243,7 @@ def parse_config(data: Any, check_resources: bool = True) -> ShiftConfig:
         )
     config = build_dataclass(ShiftConfig, {**rest, "curator": {"name": curator["name"]}})
     config.curator.params = params
-    config.curator.demo_params = {
-        k: v for k, v in raw_params.items() if isinstance(v, str) and v.startswith("demo:")
-    }
+    config.curator.demo_params = _demo_names(raw_params)
     if config.classes.first is not None and config.classes.wnids is not None:
         raise ConfigError("config key 'classes': give either 'first' or 'wnids', not both")
     if check_resources and hasattr(params, "check"):

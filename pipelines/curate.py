@@ -41,14 +41,15 @@ def curate(config: ShiftConfig, out: str | Path | None = None) -> dict:
         executor = make_executor(
             config.run.executor, config.run.ray_address, config.run.workers, config.run.progress
         )
-        stages = {}
+        stages: dict[str, dict] = {}
+
+        def timed(name: str, run, *args) -> None:
+            start = time.monotonic()
+            stages[name] = {**run(*args), "seconds": round(time.monotonic() - start, 3)}
+
         try:
-            t = time.monotonic()
-            stages["candidates"] = run_candidates(executor, config, classes, work.candidates)
-            stages["candidates"]["seconds"] = round(time.monotonic() - t, 3)
-            t = time.monotonic()
-            stages["select"] = run_select(executor, config, classes, work)
-            stages["select"]["seconds"] = round(time.monotonic() - t, 3)
+            timed("candidates", run_candidates, executor, config, classes, work.candidates)
+            timed("select", run_select, executor, config, classes, work)
             ctx = SampleContext(
                 shift=config.shift,
                 curator=config.curator.name,
@@ -57,9 +58,7 @@ def curate(config: ShiftConfig, out: str | Path | None = None) -> dict:
                 max_side=config.image.max_side,
                 jpeg_quality=config.image.jpeg_quality,
             )
-            t = time.monotonic()
-            stages["materialize"] = run_materialize(executor, ctx, work, shift_dir / SHARDS_DIR)
-            stages["materialize"]["seconds"] = round(time.monotonic() - t, 3)
+            timed("materialize", run_materialize, executor, ctx, work, shift_dir / SHARDS_DIR)
             facts = {
                 "started": started,
                 "finished": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -124,12 +124,15 @@ def embed_shard(root: Path, batch_size: int, encoder, unit: tuple[int, str]) -> 
         batch: list[dict] = []
         datas: list[bytes] = []
 
+        def consume_pending() -> None:
+            if pending is not None:
+                consume(pending[0], [r for f in pending[1] for r in f.result()])
+
         def submit() -> None:
             nonlocal pending, batch, datas
             step = -(-len(datas) // PREP_THREADS)
             futures = [pool.submit(_prepare_batch, encoder.preprocess, datas[i : i + step]) for i in range(0, len(datas), step)]  # fmt: skip
-            if pending is not None:
-                consume(pending[0], [r for f in pending[1] for r in f.result()])
+            consume_pending()
             pending, batch, datas = (batch, futures), [], []
 
         for key, files in iter_sample_members(shard):
@@ -143,8 +146,7 @@ def embed_shard(root: Path, batch_size: int, encoder, unit: tuple[int, str]) -> 
                 submit()
         if batch:
             submit()
-        if pending is not None:
-            consume(pending[0], [r for f in pending[1] for r in f.result()])
+        consume_pending()
     captions = [r["caption"] or "" for r in rows]
     txt = np.zeros((len(rows), encoder.dim), np.float32)
     has = [i for i, c in enumerate(captions) if c]
@@ -188,26 +190,23 @@ def build_index(
         todo = [
             (i, str(s)) for i, s in enumerate(shards) if not part_paths(out, i)["metadata"].exists()
         ]
-        results = list(
-            executor.map(
-                "embed",
-                todo,
-                partial(embed_shard, out, batch_size),
-                setup=partial(_make_encoder, model, pretrained, device, batch_size),
-                gpu=True,
-            )
-        )
-        del results
-        dim = int(np.load(part_paths(out, 0)["img_emb"], mmap_mode="r").shape[1])
-        count = build_faiss_index(out, len(shards), factory)
+        for _ in executor.map(
+            "embed",
+            todo,
+            partial(embed_shard, out, batch_size),
+            setup=partial(_make_encoder, model, pretrained, device, batch_size),
+            gpu=True,
+        ):
+            pass  # each part is committed by its unit; results only drive the progress bar
+        index = build_faiss_index(out, len(shards), factory)
         write_metadata_arrow(out, len(shards))
         if dedup_cosine is not None and dedup_cosine < 1.0:
-            near_duplicate_groups(out, len(shards), dedup_cosine)
+            near_duplicate_groups(out, index, len(shards), dedup_cosine)
         skipped = sum(
             pq.read_metadata(part_paths(out, i)["skipped"]).num_rows for i in range(len(shards))
         )
         info = IndexInfo(
-            model=model, pretrained=pretrained, dim=dim, count=count, factory=factory,
+            model=model, pretrained=pretrained, dim=index.d, count=index.ntotal, factory=factory,
             parts=len(shards), skipped=skipped, pool=pool_name or Path(pool).name,
             dedup_cosine=dedup_cosine,
         )  # fmt: skip
