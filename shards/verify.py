@@ -1,92 +1,297 @@
-"""Re-read every shard of a shift and check it against manifest.json and index.parquet."""
+"""Re-read every shard of a shift and check it against manifest.json and index.parquet.
+
+``verify_shift`` never raises on a damaged shift: every defect (a truncated or corrupt shard, a
+sample that does not parse, an unreadable index or manifest) becomes a line in
+``VerifyReport.problems`` and the check goes on with the rest. Only a folder that holds no part
+of a shift at all raises ``NotAShift``.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import mmap
 import os
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from .manifest import INDEX, SHARDS_DIR, read_manifest, sha256_file
-from .reader import iter_samples
+from .manifest import INDEX, MANIFEST, SHARDS_DIR, read_manifest, sha256_file
+from .reader import CorruptTar, iter_entries, split_name
 
 REQUIRED_FIELDS = (
     "key", "label", "wnid", "class_name", "shift", "curator", "source", "query", "score",
     "model", "seed", "prompt", "sha256", "width", "height", "license", "config_hash", "version",
 )  # fmt: skip
 
+INDEX_COLUMNS = ("key", "shard", "label", "sha256")
+# A badly broken shard could yield one problem per sample; keep the report (and memory) bounded.
+MAX_SAMPLE_PROBLEMS_PER_SHARD = 20
 
-def verify_shift(shift_dir: str | os.PathLike) -> list[str]:
-    """Problems found (empty when the shift is consistent)."""
+_BLOCK = 512
+
+
+class NotAShift(ValueError):
+    """The folder holds none of manifest.json, index.parquet, shards/."""
+
+
+@dataclass
+class VerifyReport:
+    problems: list[str] = field(default_factory=list)
+    shards: int = 0  # shard files read
+    samples: int = 0  # samples read from them
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    # Old callers did `problems = verify_shift(...)`; iterating and len() still mean the problems.
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.problems)
+
+    def __len__(self) -> int:
+        return len(self.problems)
+
+
+@dataclass(frozen=True)
+class _ShardEntry:
+    name: str
+    sha256: str | None  # None: the manifest gives no usable value, so nothing to compare
+    samples: int | None
+
+
+class _Index:
+    """The columns of index.parquet that verify needs, plus a key -> row number dict.
+
+    Per-row values stay in Arrow arrays and are looked up by row, so no per-sample dict is kept.
+    """
+
+    def __init__(self, path: Path, problems: list[str]) -> None:
+        table = pq.read_table(path, columns=list(INDEX_COLUMNS))
+        self.shard = table["shard"].combine_chunks()
+        self.label = table["label"].combine_chunks()
+        self.sha256 = table["sha256"].combine_chunks()
+        self.rows: dict[str, int] = {}
+        dups, nulls, example = 0, 0, None
+        for i, key in enumerate(table["key"].to_pylist()):
+            if key is None:
+                nulls += 1
+            elif key in self.rows:
+                dups += 1
+                example = example or key
+            else:
+                self.rows[key] = i
+        del table
+        if dups:
+            problems.append(f"index.parquet: duplicate keys ({dups} extra rows, e.g. {example})")
+        if nulls:
+            problems.append(f"index.parquet: {nulls} rows without a key")
+        self.seen = np.zeros(len(self.shard), dtype=bool)
+
+    def row(self, i: int) -> tuple:
+        return (self.shard[i].as_py(), self.label[i].as_py(), self.sha256[i].as_py())
+
+
+def verify_shift(shift_dir: str | os.PathLike) -> VerifyReport:
+    """Check a shift folder; the report lists its problems (none when it is consistent)."""
     shift_dir = Path(shift_dir)
+    if not any((shift_dir / n).exists() for n in (MANIFEST, INDEX, SHARDS_DIR)):
+        raise NotAShift(
+            f"not a shift folder (no {MANIFEST}, {INDEX} or {SHARDS_DIR}/): {shift_dir}"
+        )
+    report = VerifyReport()
+    problems = report.problems
+    on_disk = sorted(p.name for p in (shift_dir / SHARDS_DIR).glob("*.tar"))
+
+    manifest = _load_manifest(shift_dir, problems)
+    entries = _shard_entries(manifest, problems)
+    if entries is None:  # no usable shard list: still check what is on disk against the index
+        entries = [_ShardEntry(n, None, None) for n in on_disk]
+    else:
+        listed = {e.name for e in entries}
+        problems += [f"{n}: shard on disk but not in manifest" for n in on_disk if n not in listed]
+
+    index = _load_index(shift_dir, problems)
+    seen_elsewhere: set[str] = set()  # keys not in the index (all keys when there is no index)
+    class_counts: Counter[str] = Counter()
+    for entry in entries:
+        path = shift_dir / SHARDS_DIR / entry.name
+        if not path.is_file():
+            problems.append(f"{entry.name}: missing")
+            continue
+        report.shards += 1
+        try:
+            if entry.sha256 is not None and sha256_file(path) != entry.sha256:
+                problems.append(f"{entry.name}: sha256 differs from manifest")
+        except OSError as e:
+            problems.append(f"{entry.name}: unreadable: {e}")
+            continue
+        count, found_count, tar_problems, cap = 0, 0, [], MAX_SAMPLE_PROBLEMS_PER_SHARD
+        for key, files in _iter_shard(path, tar_problems):
+            count += 1
+            found, wnid = _check_sample(key, files, entry.name, index)
+            class_counts[wnid] += 1
+            if index is not None and key in index.rows:
+                row = index.rows[key]
+                twice = bool(index.seen[row])
+                index.seen[row] = True
+            else:
+                twice = key in seen_elsewhere
+                seen_elsewhere.add(key)
+            if twice:
+                found.append("key appears twice")
+            for p in found:
+                found_count += 1
+                if found_count <= cap:
+                    problems.append(f"{entry.name}/{key}: {p}")
+        report.samples += count
+        if found_count > cap:
+            problems.append(f"{entry.name}: {found_count - cap} more sample problems not listed")
+        problems += tar_problems
+        if entry.samples is not None and count != entry.samples:
+            problems.append(f"{entry.name}: {count} samples, manifest says {entry.samples}")
+
+    if index is not None:
+        missing = [k for k, r in index.rows.items() if not index.seen[r]]
+        if missing:
+            problems.append(f"index.parquet: {len(missing)} keys in no shard, e.g. {min(missing)}")
+    if manifest is not None:
+        _check_totals(manifest, report.samples, class_counts, problems)
+    return report
+
+
+def _load_manifest(shift_dir: Path, problems: list[str]) -> dict | None:
     try:
         manifest = read_manifest(shift_dir)
-    except (OSError, json.JSONDecodeError) as e:
-        return [f"manifest.json unreadable: {e}"]
-    problems: list[str] = []
-    try:
-        index = pq.read_table(shift_dir / INDEX).to_pylist()
-    except OSError as e:
-        return [f"index.parquet unreadable: {e}"]
-    by_key = {row["key"]: row for row in index}
-    if len(by_key) != len(index):
-        problems.append("index.parquet: duplicate keys")
-    seen: set[str] = set()
-    class_counts: Counter[str] = Counter()
-    listed = set()
-    for shard in manifest["shards"]:
-        name = shard["name"]
-        listed.add(name)
-        path = shift_dir / SHARDS_DIR / name
-        if not path.exists():
-            problems.append(f"{name}: missing")
+    except (OSError, ValueError) as e:  # missing, not UTF-8, not JSON
+        problems.append(f"manifest.json unreadable: {e}")
+        return None
+    if not isinstance(manifest, dict):
+        problems.append("manifest.json: not a JSON object")
+        return None
+    return manifest
+
+
+def _shard_entries(manifest: dict | None, problems: list[str]) -> list[_ShardEntry] | None:
+    """The manifest's shard list, keeping what is usable of each entry; None if there is none."""
+    if manifest is None:
+        return None
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        problems.append("manifest.json: 'shards' missing or not a list")
+        return None
+    entries, names = [], set()
+    for i, s in enumerate(shards):
+        name = s.get("name") if isinstance(s, dict) else None
+        # a plain file name only, so a manifest cannot point verify outside shards/
+        if not isinstance(name, str) or not name or Path(name).name != name:
+            problems.append(f"manifest.json: shards[{i}] has no valid 'name'")
             continue
-        if sha256_file(path) != shard["sha256"]:
-            problems.append(f"{name}: sha256 differs from manifest")
-        count = 0
-        for key, files in iter_samples(path):
-            count += 1
-            problems.extend(f"{name}/{key}: {p}" for p in _check_sample(key, files, name, by_key))
-            if key in seen:
-                problems.append(f"{name}/{key}: key appears twice")
-            seen.add(key)
-            if "json" in files:
-                class_counts[json.loads(files["json"]).get("wnid", "?")] += 1
-        if count != shard["samples"]:
-            problems.append(f"{name}: {count} samples, manifest says {shard['samples']}")
-    on_disk = {p.name for p in (shift_dir / SHARDS_DIR).glob("*.tar")}
-    problems.extend(f"{n}: shard on disk but not in manifest" for n in sorted(on_disk - listed))
-    missing = set(by_key) - seen
-    if missing:
-        problems.append(f"index.parquet: {len(missing)} keys in no shard, e.g. {min(missing)}")
-    if manifest.get("total_samples") != len(seen):
-        problems.append(f"manifest total_samples {manifest.get('total_samples')} != {len(seen)}")
-    expected = {k: v for k, v in manifest.get("class_counts", {}).items() if v}
-    if dict(class_counts) != expected:
-        problems.append("per-class counts in shards differ from manifest class_counts")
-    return problems
+        if name in names:
+            problems.append(f"manifest.json: {name} listed twice")
+            continue
+        names.add(name)
+        sha, samples = s.get("sha256"), s.get("samples")
+        if not isinstance(sha, str):
+            problems.append(f"manifest.json: {name} has no string 'sha256'")
+            sha = None
+        if not _is_int(samples):
+            problems.append(f"manifest.json: {name} has no integer 'samples'")
+            samples = None
+        entries.append(_ShardEntry(name, sha, samples))
+    return entries
 
 
-def _check_sample(key: str, files: dict[str, bytes], shard: str, by_key: dict) -> list[str]:
-    out = []
-    for ext in ("jpg", "cls", "json"):
-        if ext not in files:
-            out.append(f"no .{ext}")
+def _load_index(shift_dir: Path, problems: list[str]) -> _Index | None:
+    path = shift_dir / INDEX
+    try:
+        schema = pq.read_schema(path)
+        lacking = [c for c in INDEX_COLUMNS if c not in schema.names]
+        if lacking:
+            problems.append(f"index.parquet lacks columns: {', '.join(lacking)}")
+            return None
+        return _Index(path, problems)
+    except (OSError, ValueError, pa.ArrowException) as e:  # missing, garbage, truncated
+        problems.append(f"index.parquet unreadable: {e}")
+        return None
+
+
+def _check_totals(manifest: dict, samples: int, counts: Counter[str], problems: list[str]) -> None:
+    total = manifest.get("total_samples")
+    if not _is_int(total):
+        problems.append("manifest.json: 'total_samples' missing or not an integer")
+    elif total != samples:
+        problems.append(f"manifest total_samples {total} != {samples}")
+    expected = manifest.get("class_counts")
+    if not isinstance(expected, dict) or not all(_is_int(v) for v in expected.values()):
+        problems.append("manifest.json: 'class_counts' missing or not {wnid: integer}")
+        return
+    expected = {k: v for k, v in expected.items() if v}  # classes with no sample are listed as 0
+    if dict(counts) != expected:
+        diff = sorted(w for w in expected.keys() | counts.keys() if expected.get(w, 0) != counts[w])
+        shown = ", ".join(f"{w} {expected.get(w, 0)} vs {counts[w]}" for w in diff[:5])
+        problems.append(
+            f"per-class counts in shards differ from manifest class_counts "
+            f"({len(diff)} classes, manifest vs shards: {shown})"
+        )
+
+
+def _iter_shard(path: Path, problems: list[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) per sample, like reader.iter_samples; a corrupt or truncated tar
+    ends the walk with a problem (the reader itself stops silently at a cut)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                raise CorruptTar("empty file")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                key, files, end = None, {}, 0
+                for name, offset, n in iter_entries(buf):
+                    end = offset + -(-n // _BLOCK) * _BLOCK
+                    k, ext = split_name(name)
+                    if k != key or ext in files:  # a key written twice in a row: two samples
+                        if key is not None:
+                            yield key, files
+                        key, files = k, {}
+                    files[ext] = bytes(buf[offset : offset + n])
+                # A complete tar ends with two zero blocks right after the last member; a cut
+                # anywhere (inside a member or a header) ends the header walk early and lacks them.
+                if buf[end : end + 2 * _BLOCK] != bytes(2 * _BLOCK) or size % _BLOCK:
+                    raise CorruptTar(f"truncated: no end-of-archive blocks ({size} bytes)")
+                if key is not None:
+                    yield key, files
+    except (OSError, ValueError) as e:  # CorruptTar is a ValueError; the rest is unreadable
+        problems.append(f"{path.name}: corrupt tar: {e}")
+
+
+def _check_sample(
+    key: str, files: dict[str, bytes], shard: str, index: _Index | None
+) -> tuple[list[str], str]:
+    """(problems, wnid) of one sample; wnid is '?' when the json does not say."""
+    out = [f"no .{ext}" for ext in ("jpg", "cls", "json") if ext not in files]
     if out:
-        return out
+        return out, "?"
     try:
         meta = json.loads(files["json"])
-    except ValueError:
-        return ["json does not parse"]
+    except (ValueError, RecursionError):  # invalid UTF-8 or JSON; absurd nesting
+        return ["json does not parse"], "?"
+    if not isinstance(meta, dict):
+        return ["json is not an object"], "?"
+    wnid = meta.get("wnid") if isinstance(meta.get("wnid"), str) else "?"
     out += [f"json lacks '{f}'" for f in REQUIRED_FIELDS if f not in meta]
     if meta.get("key") != key:
         out.append("json key differs from tar key")
-    if files["cls"].decode("ascii", "replace") != str(meta.get("label")):
+    cls = files["cls"]
+    if not (cls.isascii() and cls.isdigit()):
+        out.append("cls is not ASCII digits")
+    elif cls.decode() != str(meta.get("label")):
         out.append("cls differs from json label")
     if hashlib.sha256(files["jpg"]).hexdigest() != meta.get("sha256"):
         out.append("jpg sha256 differs from json")
@@ -95,18 +300,24 @@ def _check_sample(key: str, files: dict[str, bytes], shard: str, by_key: dict) -
             img.load()
             if img.size != (meta.get("width"), meta.get("height")):
                 out.append("image size differs from json width/height")
-    except Exception as e:
+    except Exception as e:  # PIL raises many types on corrupt data; any of them is a bad jpg
         out.append(f"jpg does not decode: {e}")
-    caption = (meta.get("source") or {}).get("caption")
-    if caption and files.get("txt", b"").decode("utf-8", "replace") != caption:
-        out.append("txt differs from json source.caption")
-    row = by_key.get(key)
-    if row is None:
-        out.append("not in index.parquet")
-    elif (row["shard"], row["label"], row["sha256"]) != (
-        shard,
-        meta.get("label"),
-        meta.get("sha256"),
-    ):
-        out.append("index.parquet row differs from sample")
-    return out
+    source = meta.get("source")
+    if not isinstance(source, dict):
+        if "source" in meta:
+            out.append("json source is not an object")
+    else:
+        caption = source.get("caption")
+        if caption and files.get("txt", b"").decode("utf-8", "replace") != caption:
+            out.append("txt differs from json source.caption")
+    if index is not None:
+        row = index.rows.get(key)
+        if row is None:
+            out.append("not in index.parquet")
+        elif index.row(row) != (shard, meta.get("label"), meta.get("sha256")):
+            out.append("index.parquet row differs from sample")
+    return out, wnid
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
