@@ -5,6 +5,8 @@ Every stage skips its committed units, so re-running the same command resumes.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,14 +35,20 @@ def curate(config: ShiftConfig, out: str | Path | None = None) -> dict:
     """Run (or resume) a shift; returns its manifest."""
     shift_dir = Path(out or config.run.out) / config.shift
     classes = resolve_classes(config)
-    with RunLock(shift_dir):
+    with RunLock(shift_dir) as lock:
         work = WorkDir(shift_dir)
+        work.clear_temporaries()
         config_hash = config.content_hash()
         work.bind_config(config_hash, config.to_dict())
         started = datetime.now(UTC).isoformat(timespec="seconds")
+        work.log_run(
+            {"started": started, "host": socket.gethostname(), "pid": os.getpid(),
+             "executor": config.run.executor}
+        )  # fmt: skip
         executor = make_executor(
-            config.run.executor, config.run.ray_address, config.run.workers, config.run.progress
-        )
+            config.run.executor, config.run.ray_address, config.run.workers,
+            config.run.progress, guard=lock.guard(),
+        )  # fmt: skip
         stages: dict[str, dict] = {}
 
         def timed(name: str, run, *args) -> None:

@@ -83,7 +83,10 @@ class _Worker:
     """A Ray actor holding one stage's state. A user's error (missing resource, bad value)
     comes back as a value, so the driver can print its one line instead of Ray's traceback."""
 
-    def __init__(self, setup: Setup) -> None:
+    def __init__(self, setup: Setup, guard: Callable[[], None] | None = None) -> None:
+        from shards.atomic import set_commit_guard
+
+        set_commit_guard(guard)
         self.state, self.error = None, None
         try:
             self.state = setup()
@@ -105,7 +108,11 @@ class RayExecutor:
     name = "ray"
 
     def __init__(
-        self, address: str | None = None, workers: int | None = None, progress: bool = True
+        self,
+        address: str | None = None,
+        workers: int | None = None,
+        progress: bool = True,
+        guard: Callable[[], None] | None = None,
     ) -> None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # stay on loopback
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -123,14 +130,17 @@ class RayExecutor:
         if address is None:
             kwargs["num_cpus"] = workers or os.cpu_count()
         else:
-            _probe(address)  # ray.init retries an unreachable address for minutes
+            check_ray_address(address)  # ray.init retries an unreachable address for minutes
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise UserError(
                 f"cannot reach Ray cluster at {address}: {str(e).splitlines()[0]}"
             ) from None
+        if address is None:  # a Ray of our own: it dies with this process, whatever kills it
+            _start_reaper()
         self.address = address
+        self.guard = guard
         resources = ray.cluster_resources()
         self.cpus = int(resources.get("CPU", 1))
         self.gpus = int(resources.get("GPU", 0))
@@ -149,7 +159,7 @@ class RayExecutor:
             n = min(n, self.gpus)
             options = {"num_cpus": 1, "num_gpus": 1}
         actor_cls = ray.remote(**options)(_Worker)
-        actors = [actor_cls.remote(setup) for _ in range(n)]
+        actors = [actor_cls.remote(setup, self.guard) for _ in range(n)]
         bar = Progress(desc, len(units), self.progress)
         pending: dict[Any, Any] = {}
         todo = iter(units)
@@ -185,9 +195,23 @@ class RayExecutor:
         self.ray.shutdown()
 
 
-def _probe(address: str, timeout: float = 5.0) -> None:
+def _start_reaper() -> None:
+    import subprocess
+
+    subprocess.Popen(
+        [sys.executable, "-m", "pipelines.reaper", str(os.getpid())],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def check_ray_address(address: str | None, timeout: float = 5.0) -> None:
+    """Refuse an unreachable cluster address ($RAY_ADDRESS when none is given) at once."""
     import socket
 
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is None:
+        return
     host_port = address.removeprefix("ray://")
     if address == "auto" or ":" not in host_port:
         return
@@ -206,7 +230,15 @@ def _unwrap(ray: Any, ref: Any) -> dict:
     return result
 
 
-def make_executor(kind: str, address: str | None, workers: int | None, progress: bool):
+def make_executor(
+    kind: str,
+    address: str | None,
+    workers: int | None,
+    progress: bool,
+    guard: Callable[[], None] | None = None,
+) -> LocalExecutor | RayExecutor:
+    """``guard`` runs in workers before each commit (see shards.atomic): refuses once the
+    driver's run is gone. The local executor needs none: its worker is the driver."""
     if kind == "local":
         return LocalExecutor(progress)
-    return RayExecutor(address, workers, progress)
+    return RayExecutor(address, workers, progress, guard)

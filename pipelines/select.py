@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curators import ImageNetClass
+from shards.atomic import commit
 
 _BLOCK = 256
 
@@ -185,7 +186,7 @@ def write_plan(config, classes: list[ImageNetClass], work, _state=None, _unit=No
     for i, t in enumerate(shards):
         pq.write_table(t, tmp / f"{shard_name(config.shift, i)}.parquet")
     (tmp / "stats.json").write_text(json.dumps({"classes": stats}, indent=2, sort_keys=True))
-    os.replace(tmp, work.plan)  # the plan folder appears whole or not at all
+    commit(tmp, work.plan)  # the plan folder appears whole or not at all
     return {"samples": selected.num_rows, "shards": len(shards)}
 
 

@@ -1,11 +1,31 @@
-"""Commit-by-rename: a file appears under its final name only once completely written."""
+"""Commit-by-rename: a file appears under its final name only once completely written.
+
+Every commit goes through ``commit()``, which first asks the process's commit guard (if one is
+installed) whether the run that asked for the write still holds its output: a worker whose
+driver died must not write into an output that is no longer its run's.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+_guard: Callable[[], None] | None = None
+
+
+def set_commit_guard(guard: Callable[[], None] | None) -> None:
+    """Install a check run before every commit in this process; it raises (or exits) to refuse."""
+    global _guard
+    _guard = guard
+
+
+def commit(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Rename a finished temporary into place, if the guard allows."""
+    if _guard is not None:
+        _guard()
+    os.replace(tmp, path)
 
 
 def temp_name(path: Path) -> Path:
@@ -21,7 +41,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = temp_name(path)
     try:
         yield tmp
-        os.replace(tmp, path)
+        commit(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

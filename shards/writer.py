@@ -14,7 +14,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import temp_name
+from .atomic import commit, temp_name
 
 _BLOCK = tarfile.BLOCKSIZE
 _RECORD = tarfile.RECORDSIZE
@@ -74,7 +74,11 @@ class ShardWriter:
         if pad:
             self._emit(b"\0" * pad)
         self._file.close()
-        os.replace(self.tmp_path, self.path)
+        try:
+            commit(self.tmp_path, self.path)
+        except BaseException:
+            self.tmp_path.unlink(missing_ok=True)
+            raise
         return ShardInfo(self.path.name, self._hash.hexdigest(), self.samples, self._size)
 
     def abort(self) -> None:
