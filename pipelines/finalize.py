@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import socket
 from collections import Counter
@@ -14,7 +15,7 @@ import pyarrow.parquet as pq
 
 from shards.atomic import atomic_path, atomic_write_bytes
 from shards.card import dataset_card
-from shards.manifest import FORMAT, INDEX, MANIFEST, write_json
+from shards.manifest import FORMAT, INDEX, MANIFEST, read_manifest, write_json
 
 from . import __version__
 from .materialize import ROW_SCHEMA
@@ -22,6 +23,21 @@ from .select import shortfall_reason
 
 
 def finalize(shift_dir: Path, work, config, classes, run_facts: dict) -> dict:
+    """Write the shift's index, skips, manifest and card. A re-run that did no work (a user
+    checking a finished shift) keeps the manifest of the run that did, adding itself to the
+    run history."""
+    work.log_run(
+        {"pid": os.getpid(), "started": run_facts["started"], "finished": run_facts["finished"],
+         "units_run": {k: v.get("run", 0) for k, v in run_facts["stages"].items()}}
+    )  # fmt: skip
+    history = work.run_history()
+    did_work = any(v.get("run") for v in run_facts["stages"].values())
+    if not did_work and (shift_dir / MANIFEST).exists():
+        manifest = read_manifest(shift_dir)
+        if manifest.get("config_hash") == config.content_hash():
+            manifest["run_history"] = history
+            write_json(shift_dir / MANIFEST, manifest)
+            return manifest
     row_files = sorted(work.shard_rows.glob("*.tar.parquet"))
     shards = []
     tables = []
@@ -72,6 +88,7 @@ def finalize(shift_dir: Path, work, config, classes, run_facts: dict) -> dict:
         "shortfalls": shortfalls,
         "skipped": {"count": skipped.num_rows, "by_reason": _reason_counts(skipped)},
         "run": {**run_facts, "host": socket.gethostname(), "python": platform.python_version()},
+        "run_history": history,
     }
     write_json(shift_dir / MANIFEST, manifest)
     atomic_write_bytes(shift_dir / "README.md", dataset_card(manifest).encode())
@@ -81,6 +98,14 @@ def finalize(shift_dir: Path, work, config, classes, run_facts: dict) -> dict:
 def _reason_counts(skipped: pa.Table) -> dict[str, int]:
     # Group by the reason's kind (text before the first ':'), not its per-sample detail.
     return dict(Counter(r.split(":", 1)[0] for r in skipped["reason"].to_pylist()).most_common())
+
+
+def no_sample_reason(manifest: dict) -> str:
+    """Why a shift kept nothing, from its shortfalls: the commonest reasons, counted."""
+    reasons = Counter(s["reason"].split(":", 1)[0] for s in manifest["shortfalls"])
+    n = len(manifest["per_class"])
+    parts = [f"{reason} ({count} of {n} classes)" for reason, count in reasons.most_common(3)]
+    return "; ".join(parts) + " (see manifest.json shortfalls)"
 
 
 def summary_table(manifest: dict, limit: int = 40) -> str:
