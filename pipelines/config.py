@@ -97,6 +97,7 @@ class ShiftConfig:
 
 
 CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "seed": (lambda v: 0 <= v < 2**63, "must lie in 0..2**63-1"),
     "target_per_class": (lambda v: v >= 1, "must be at least 1"),
     "classes.first": (lambda v: 1 <= v <= 1000, "must lie in 1..1000"),
     "select.near_duplicate_cosine": (lambda v: 0.0 < v <= 1.0, "must lie in (0, 1]"),
@@ -104,6 +105,7 @@ CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "image.max_side": (lambda v: v >= 16, "must be at least 16"),
     "image.jpeg_quality": (lambda v: 1 <= v <= 100, "must lie in 1..100"),
     "run.workers": (lambda v: v is None or v >= 1, "must be at least 1"),
+    "classes.wnids": (lambda v: len(v) >= 1, "must list at least one wnid"),
     "shift": (
         lambda v: bool(v) and all(c.isalnum() or c in "-_" for c in v),
         "must be non-empty letters, digits, '-' or '_'",
@@ -214,7 +216,24 @@ def _resolve_demo_paths(params: dict) -> dict:
     return {**params, **{k: resolve_demo_path(v) for k, v in _demo_names(params).items()}}
 
 
+def _check_classes(classes: ClassesConfig) -> None:
+    from curators.labels import by_wnid
+
+    if classes.first is not None and classes.wnids is not None:
+        raise ConfigError("config key 'classes': give either 'first' or 'wnids', not both")
+    seen: set[str] = set()
+    known = by_wnid()
+    for i, wnid in enumerate(classes.wnids or []):
+        if wnid not in known:
+            raise ConfigError(f"config key 'classes.wnids[{i}]': unknown wnid {wnid!r}")
+        if wnid in seen:
+            raise ConfigError(f"config key 'classes.wnids[{i}]': {wnid} is listed twice")
+        seen.add(wnid)
+
+
 def parse_config(data: Any, check_resources: bool = True) -> ShiftConfig:
+    """Validate everything that needs no resource first (no side effects), then, when asked,
+    the resources the curator names (building the demo world for ``demo:`` names)."""
     import curators
 
     if not isinstance(data, dict):
@@ -226,7 +245,7 @@ def parse_config(data: Any, check_resources: bool = True) -> ShiftConfig:
         raise ConfigError("config key 'curator.name' is required")
     try:
         params_cls = curators.params_type(curator["name"])
-    except KeyError:
+    except (KeyError, TypeError):
         names = ", ".join(sorted(curators.REGISTRY))
         raise ConfigError(
             f"config key 'curator.name': unknown curator {curator['name']!r} (known: {names})"
@@ -234,21 +253,32 @@ def parse_config(data: Any, check_resources: bool = True) -> ShiftConfig:
     raw_params = curator.get("params") or {}
     if not isinstance(raw_params, dict):
         raise ConfigError("config key 'curator.params': expected a mapping")
-    params = build_dataclass(params_cls, _resolve_demo_paths(raw_params), "curator.params")
-    rest = {k: v for k, v in data.items() if k != "curator"}
     extra = set(curator) - {"name", "params"}
     if extra:
         raise ConfigError(
             f"unknown config key 'curator.{sorted(extra)[0]}' (known here: name, params)"
         )
+    demo_names = _demo_names(raw_params)
+    for key, value in demo_names.items():
+        from .demo_world import check_demo_name
+
+        try:
+            check_demo_name(value)
+        except ConfigError as e:
+            raise ConfigError(f"config key 'curator.params.{key}': {e}") from None
+    # `demo:` names stay as written here: the world is built only once everything else holds.
+    params = build_dataclass(params_cls, raw_params, "curator.params")
+    rest = {k: v for k, v in data.items() if k != "curator"}
     config = build_dataclass(ShiftConfig, {**rest, "curator": {"name": curator["name"]}})
+    _check_classes(config.classes)
+    config.curator.demo_params = demo_names
+    if check_resources:
+        if demo_names:
+            params = build_dataclass(params_cls, _resolve_demo_paths(raw_params), "curator.params")
+        if hasattr(params, "check"):
+            for name, problem in params.check().items():
+                raise ConfigError(f"config key 'curator.params.{name}': {problem}")
     config.curator.params = params
-    config.curator.demo_params = _demo_names(raw_params)
-    if config.classes.first is not None and config.classes.wnids is not None:
-        raise ConfigError("config key 'classes': give either 'first' or 'wnids', not both")
-    if check_resources and hasattr(params, "check"):
-        for name, problem in params.check().items():
-            raise ConfigError(f"config key 'curator.params.{name}': {problem}")
     return config
 
 
@@ -262,4 +292,9 @@ def load_config(
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return parse_config(apply_overrides(data or {}, list(overrides)), check_resources)
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: a config must be a YAML mapping of keys, got {type(data).__name__}"
+        )
+    return parse_config(apply_overrides(data, list(overrides)), check_resources)

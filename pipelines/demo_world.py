@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from .errors import ConfigError, UserError
 
-VERSION = 3
+VERSION = 4
 # (ImageNet index, pool items). Banana is scarce so the demo shows a shortfall.
 DEMO_CLASSES = [(1, 240), (22, 240), (130, 240), (291, 240), (340, 240),
                 (417, 240), (430, 240), (508, 240), (949, 240), (954, 60)]  # fmt: skip
@@ -46,20 +46,39 @@ CAPTION_TEMPLATES = ("a photo of a {}", "a picture of a {}", "{} in the wild", "
 NO_CLASS_CAPTIONS = ("untitled", "a nice day", "photo", "IMG 2231", "view from the window")
 
 
+DEMO_PARTS = ("index", "exemplars", "pool", "model", "ground_truth.parquet")
+
+
 def cache_dir() -> Path:
-    return Path(os.environ.get("IMAGENETPP_CACHE", ".cache/imagenetpp")).resolve()
+    """$IMAGENETPP_CACHE, else $XDG_CACHE_HOME/imagenetpp, else ~/.cache/imagenetpp: one
+    place whatever folder the command runs from (the Makefile points it into the checkout)."""
+    if os.environ.get("IMAGENETPP_CACHE"):
+        return Path(os.environ["IMAGENETPP_CACHE"]).expanduser().resolve()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return (Path(base) / "imagenetpp").resolve()
 
 
 def world_dir(seed: int = 0) -> Path:
     return cache_dir() / f"demo-world-v{VERSION}-seed{seed}"
 
 
+def demo_world_ready(seed: int = 0) -> bool:
+    return (world_dir(seed) / "READY").exists()
+
+
+def check_demo_name(value: str) -> str:
+    """The part a ``demo:`` name refers to; no side effect (the world is not built here)."""
+    part = value.removeprefix("demo:")
+    if part not in DEMO_PARTS:
+        raise ConfigError(
+            f"unknown demo resource {value!r} (known: {', '.join('demo:' + p for p in DEMO_PARTS)})"
+        )
+    return part
+
+
 def resolve_demo_path(value: str) -> str:
     """``demo:index`` -> the path of that part of the demo world, building it if needed."""
-    part = value.removeprefix("demo:")
-    if part not in ("index", "exemplars", "pool", "model", "ground_truth.parquet"):
-        raise UserError(f"unknown demo resource {value!r}")
-    return str(ensure_demo_world() / part)
+    return str(ensure_demo_world() / check_demo_name(value))
 
 
 # --- drawing ---------------------------------------------------------------------------------
@@ -257,8 +276,26 @@ def _write_exemplars(root: Path, seed: int, classes) -> None:
             (folder / f"{c.wnid}_{n}.JPEG").write_bytes(_jpeg(_draw(slot, rng)))
 
 
-def train_tiny_clip(root: Path, seed: int, steps: int = 500, log=print) -> Path:
-    """Contrastive training of imagenetpp-tiny on the pool's (image, caption) pairs."""
+def _quiet_random_init_warning():
+    """open_clip warns 'No pretrained weights loaded' when building a model to train: expected
+    here, and alarming on a user's terminal."""
+    import logging
+
+    class _Filter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "No pretrained weights loaded" not in record.getMessage()
+
+    return _Filter()
+
+
+def train_tiny_clip(root: Path, seed: int, steps: int = 400, batch: int = 256, log=print) -> Path:
+    """Contrastive training of imagenetpp-tiny on the pool's (image, caption) pairs.
+
+    One thread: bit-identical weights on any machine, and no OpenMP spin-waiting when another
+    process holds a core (two threads were 10x slower than one on a busy 2-core machine).
+    """
+    import logging
+
     import open_clip
     import torch
     import torch.nn.functional as F
@@ -267,9 +304,16 @@ def train_tiny_clip(root: Path, seed: int, steps: int = 500, log=print) -> Path:
     from shards.images import BadImage, decode
     from shards.reader import iter_samples
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.manual_seed(seed)
     name = resolve_model_name("imagenetpp-tiny")
-    model, preprocess, _ = open_clip.create_model_and_transforms(name, pretrained=None)
+    quiet = _quiet_random_init_warning()
+    logging.getLogger().addFilter(quiet)
+    try:
+        model, preprocess, _ = open_clip.create_model_and_transforms(name, pretrained=None)
+    finally:
+        logging.getLogger().removeFilter(quiet)
     tokenizer = open_clip.get_tokenizer(name)
     images, captions = [], []
     for shard in sorted((root / "pool").glob("*.tar")):
@@ -280,32 +324,43 @@ def train_tiny_clip(root: Path, seed: int, steps: int = 500, log=print) -> Path:
                 continue
             captions.append(files["txt"].decode())
     pixels = torch.stack(images)
-    tokens = tokenizer(captions)
+    # Captions repeat (templates x class names): each batch encodes its distinct ones once.
+    vocab, caption_ids = np.unique(np.array(captions, dtype=object), return_inverse=True)
+    tokens = tokenizer([str(c) for c in vocab])
+    caption_ids = torch.from_numpy(caption_ids.astype(np.int64))
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    start = time.monotonic()
-    for step in range(steps):
-        idx = torch.randint(0, len(pixels), (256,), generator=gen)
-        batch = pixels[idx]
-        flip = torch.rand(len(idx), generator=gen) < 0.5
-        batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
-        img_f = F.normalize(model.encode_image(batch), dim=-1)
-        txt_f = F.normalize(model.encode_text(tokens[idx]), dim=-1)
-        logits = model.logit_scale.exp().clamp(max=100) * img_f @ txt_f.T
-        # Items that share a caption are positives for each other: soft targets.
-        same = (tokens[idx][:, None, :] == tokens[idx][None, :, :]).all(-1).float()
-        target = same / same.sum(1, keepdim=True)
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 100 == 0 or step == steps - 1:
-            log(
-                f"  train tiny CLIP: step {step + 1}/{steps} loss {loss.item():.3f} ({time.monotonic() - start:.0f}s)"
-            )
+    start = last = time.monotonic()
+    try:
+        for step in range(steps):
+            idx = torch.randint(0, len(pixels), (batch,), generator=gen)
+            batch_px = pixels[idx]
+            flip = torch.rand(len(idx), generator=gen) < 0.5
+            batch_px = torch.where(flip[:, None, None, None], batch_px.flip(-1), batch_px)
+            img_f = F.normalize(model.encode_image(batch_px), dim=-1)
+            distinct, inverse = torch.unique(caption_ids[idx], return_inverse=True)
+            txt_f = F.normalize(model.encode_text(tokens[distinct]), dim=-1)[inverse]
+            logits = model.logit_scale.exp().clamp(max=100) * img_f @ txt_f.T
+            # Items that share a caption are positives for each other: soft targets.
+            same = (inverse[:, None] == inverse[None, :]).float()
+            target = same / same.sum(1, keepdim=True)
+            loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            now = time.monotonic()
+            if now - last >= 5 or step == steps - 1:
+                last = now
+                rate = (step + 1) / (now - start)
+                log(
+                    f"  train tiny CLIP: step {step + 1}/{steps}, loss {loss.item():.3f}, "
+                    f"{rate:.1f} steps/s, {now - start:.0f}s elapsed, ETA {(steps - step - 1) / rate:.0f}s"
+                )
+    finally:
+        torch.set_num_threads(threads)
     path = root / "model" / "imagenetpp-tiny.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": model.state_dict()}, path)
@@ -334,16 +389,32 @@ def build_world(root: Path, seed: int, log=print) -> None:
                 dedup_cosine=0.995)  # fmt: skip
 
 
-def ensure_demo_world(seed: int = 0) -> Path:
+def ensure_demo_world(seed: int = 0, log=None) -> Path:
+    """The demo world's folder, built first if needed. Concurrent callers wait for one builder."""
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     root = world_dir(seed)
     if (root / "READY").exists():
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f".{root.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it: wait
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(
+            f"demo cache {root.parent} (IMAGENETPP_CACHE) is not a writable folder: {e.strerror or e}"
+        ) from None
+    with open(root.parent / f".{root.name}.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            log(f"waiting for the demo world being built by {holder} in {root}")
+            fcntl.flock(lock, fcntl.LOCK_EX)
         if not (root / "READY").exists():
+            lock.truncate(0)
+            lock.write(f"pid {os.getpid()}\n")
+            lock.flush()
             shutil.rmtree(root, ignore_errors=True)  # a build killed half-way
             root.mkdir(parents=True)
-            build_world(root, seed, log=lambda m: print(m, file=sys.stderr, flush=True))
+            build_world(root, seed, log=log)
             (root / "READY").write_text(f"demo world v{VERSION} seed {seed}\n")
     return root
