@@ -130,6 +130,13 @@ def test_corrupt_pool_item_at_write_time_is_skipped_and_recorded(
         assert skipped[0]["reason"].startswith("BadImage")
         manifest = json.loads((shift / "manifest.json").read_text())
         assert manifest["skipped"]["count"] == 1
+        # The class lost a sample it had selected: counted from what was written, not planned.
+        wnid = skipped[0]["wnid"]
+        short = {s["wnid"]: s for s in manifest["shortfalls"]}
+        assert short[wnid]["selected"] == 15 and short[wnid]["kept"] == 14
+        assert short[wnid]["skipped"] == 1 and short[wnid]["shortfall"] == 1
+        assert "1 skipped while writing" in short[wnid]["reason"]
+        assert manifest["class_counts"][wnid] == 14
         assert chosen not in {
             r["source_id"] for r in pq.read_table(shift / "index.parquet").to_pylist()
         }

@@ -60,6 +60,8 @@ KILL_POINTS = {
     "during-candidates": lambda s: count(s / "_work" / "candidates", "*.parquet") >= 2,
     "after-select": lambda s: (s / "_work" / "plan" / "stats.json").exists(),
     "during-materialize": lambda s: count(s / "_work" / "shard_rows", "*.parquet") >= 3,
+    # A shard tar half-written under its temporary name.
+    "mid-shard-write": lambda s: count(s / "shards", ".*.tmp") >= 1,
 }
 
 
@@ -79,7 +81,8 @@ def test_sigkill_then_resume_gives_identical_shards(clean_run, tmp_path, point):
         manifest["total_samples"]
         == json.loads((clean_run / "manifest.json").read_text())["total_samples"]
     )
-    assert not [p for p in (shift / "shards").iterdir() if p.name.startswith(".")]  # no temporaries
+    leftovers = [p for p in shift.rglob(".*") if p.name != ".lock"]
+    assert leftovers == []  # temporaries of the killed run are cleared
     assert run_cli("verify", str(shift)).returncode == 0
     assert "finalize: done" in run_cli("status", str(shift), check=True).stdout
 
@@ -91,10 +94,29 @@ def test_rerun_of_a_finished_shift_skips_all_work(clean_run):
     assert proc.returncode == 0, proc.stderr
     assert shard_hashes(clean_run) == before
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes  # nothing rewritten
-    stages = json.loads((clean_run / "manifest.json").read_text())["run"]["stages"]
-    assert (
-        stages["candidates"]["run"] == stages["materialize"]["run"] == stages["select"]["run"] == 0
-    )
+    history = json.loads((clean_run / "manifest.json").read_text())["run_history"]
+    assert history[-1]["units_run"] == {"candidates": 0, "select": 0, "materialize": 0}
+
+
+def test_a_shard_committed_without_its_marker_is_rewritten_on_resume(clean_run, tmp_path):
+    """A kill between a shard's rename and its _work/shard_rows marker: the tar exists, the
+    unit is not committed. Resume must redo that unit, not count the tar as done."""
+    import shutil
+
+    shift = tmp_path / "demo-knn-img"
+    shutil.copytree(clean_run, shift)
+    markers = sorted((shift / "_work" / "shard_rows").glob("*.parquet"))
+    markers[1].unlink()
+    (shift / "manifest.json").unlink()
+    (shift / "index.parquet").unlink()
+    proc = run_cli("curate", str(DEMO_CONFIG), "--out", str(tmp_path), *ARGS)
+    assert proc.returncode == 0, proc.stderr
+    assert shard_hashes(shift) == shard_hashes(clean_run)
+    assert (shift / "index.parquet").read_bytes() == (clean_run / "index.parquet").read_bytes()
+    manifest = json.loads((shift / "manifest.json").read_text())
+    assert manifest["total_samples"] == json.loads((clean_run / "manifest.json").read_text())["total_samples"]  # fmt: skip
+    assert manifest["run"]["stages"]["materialize"]["run"] == 1
+    assert run_cli("verify", str(shift)).returncode == 0
 
 
 def test_a_second_concurrent_run_is_refused(demo_world, tmp_path):
@@ -105,13 +127,15 @@ def test_a_second_concurrent_run_is_refused(demo_world, tmp_path):
         held.write("pid 12345 on testhost\n")
         held.flush()
         proc = run_cli("curate", str(DEMO_CONFIG), "--out", str(tmp_path), *ARGS)
+        assert proc.returncode == 2, proc.stderr
+        assert "in use by another run" in proc.stderr and "pid 12345" in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+        # Refused before touching anything: the output holds only the lock.
+        assert [p.name for p in shift.iterdir()] == [".lock"]
         (shift / "_work").mkdir()
         (shift / "_work" / "run.json").write_text('{"config_hash": "x", "config": {"shift": "demo-knn-img", "classes": {"first": 3}}}')  # fmt: skip
         status = run_cli("status", str(shift), check=True).stdout
     assert "run: active, pid 12345 on testhost" in status and "candidates: 0/3 classes" in status
-    assert proc.returncode == 2
-    assert "in use by another run" in proc.stderr and "pid 12345" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_resuming_with_another_config_is_refused(clean_run):
