@@ -246,7 +246,7 @@ def main() -> None:
     print("index_embed ...", flush=True)
     results["index_embed_tiny"] = bench_index_embed("imagenetpp-tiny", tiny_ckpt, 2000, 256)
     print(results["index_embed_tiny"], flush=True)
-    results["index_embed_vit_b_32"] = bench_index_embed("ViT-B-32", None, 256, 64, repeats=2)
+    results["index_embed_vit_b_32"] = bench_index_embed("ViT-B-32", "random", 256, 64, repeats=2)
     print(results["index_embed_vit_b_32"], flush=True)
     results["peak_rss_mb_bench_process"] = round(
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1

@@ -8,17 +8,19 @@ Layout of an index folder (one part per pool shard, parts in pool-shard order)::
                                      shard, offset, size (where the bytes are)
     skipped/skipped_00000.parquet    pool items that could not be decoded, with the reason
     image.index                   faiss index over img_emb, inner product, ids = row number
-    dup_groups.npy                int64 per row: the lowest row of its near-duplicate group
+    dup_groups.npy                int64 per row: the leader row of its near-duplicate group
     metadata.arrow                all metadata parts as one Arrow IPC file: memory-mapped by
                                   every worker, so the page cache holds one copy, not one each
     index_info.json               model, weights, dim, count, faiss factory; written last
+    index_run.json                what the parts are made with (model, weights, pool): a resumed
+                                  run with other settings is refused instead of mixing parts
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +55,7 @@ SKIPPED_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("reas
 @dataclass
 class IndexInfo:
     model: str
-    pretrained: str | None
+    pretrained: str | None  # what loads the weights again: tag, checkpoint path or "random"
     dim: int
     count: int
     factory: str
@@ -61,6 +63,13 @@ class IndexInfo:
     skipped: int
     pool: str
     dedup_cosine: float | None = None  # near-duplicate groups at this cosine; None: none
+    weights: str | None = None  # location-free: tag, "<file> sha256:<hex>", "random (seed 0)"
+    dedup_stats: dict | None = None  # group-size distribution (near_duplicate_groups)
+
+
+def _one_line(text: object, limit: int = 300) -> str:
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
 def part_paths(root: str | os.PathLike, part: int) -> dict[str, Path]:
@@ -77,7 +86,19 @@ def read_info(root: str | os.PathLike) -> IndexInfo:
     path = Path(root) / INFO
     if not path.is_file():
         raise ResourceError(f"not a finished index (no {INFO}): {root}")
-    return IndexInfo(**json.loads(path.read_text()))
+    known = {f.name for f in fields(IndexInfo)}
+    try:
+        data = json.loads(path.read_text())
+        # Unknown keys are ignored: an index written by a newer version still opens.
+        info = IndexInfo(**{k: v for k, v in data.items() if k in known})
+        ints = (info.dim, info.count, info.parts, info.skipped)
+        if not all(isinstance(v, int) for v in ints) or not isinstance(info.model, str):
+            raise TypeError("wrong field types")
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ResourceError(
+            f"unreadable {path} ({_one_line(e)}); rebuild the index with `imagenetpp index`"
+        ) from None
+    return info
 
 
 def write_info(root: str | os.PathLike, info: IndexInfo) -> None:
@@ -94,19 +115,34 @@ def build_faiss_index(root: str | os.PathLike, parts: int, factory: str, seed: i
     count = sum(a.shape[0] for a in arrays)
     if count == 0:
         raise ResourceError(f"the pool has no decodable images: {root}")
-    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    index = make_faiss_index(dim, factory)
     if not index.is_trained:
         # Train on a seeded sample of at most 100k rows: enough for IVF/PQ, bounded memory.
         want = min(count, 100_000)
         rows = np.random.default_rng(seed).choice(count, size=want, replace=False)
         rows.sort()
-        index.train(_take_rows(arrays, rows))
+        try:
+            index.train(_take_rows(arrays, rows))
+        except RuntimeError as e:  # e.g. fewer images than IVF lists
+            raise ResourceError(
+                f"faiss factory {factory!r} cannot be trained on {want} images: {_one_line(e)}"
+            ) from None
     for a in arrays:
         for start in range(0, a.shape[0], 65536):
             index.add(np.ascontiguousarray(a[start : start + 65536], dtype=np.float32))
     with atomic_path(Path(root) / FAISS_FILE) as tmp:
         faiss.write_index(index, str(tmp))
     return index
+
+
+def make_faiss_index(dim: int, factory: str):
+    """An empty inner-product index; a bad factory string is a ResourceError (one line)."""
+    import faiss
+
+    try:
+        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise ResourceError(f"bad faiss factory {factory!r}: {_one_line(e)}") from None
 
 
 def write_metadata_arrow(root: str | os.PathLike, parts: int) -> None:
@@ -120,35 +156,90 @@ def write_metadata_arrow(root: str | os.PathLike, parts: int) -> None:
 
 def near_duplicate_groups(
     root: str | os.PathLike, index, parts: int, threshold: float, k: int = 16
-) -> int:
-    """Group pool rows whose image embeddings are at least ``threshold`` similar (connected
-    components over each row's k nearest neighbours); writes dup_groups.npy, returns the
-    number of rows that joined another's group."""
-    parent = np.arange(index.ntotal, dtype=np.int64)
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = int(parent[i])
-        return i
-
+) -> dict:
+    """Group pool rows by leader clustering: rows are visited in row order; a row not yet in a
+    group leads a new one, which takes every not-yet-grouped row among the leader's k nearest
+    neighbours with cosine >= ``threshold`` (all rows within it, by a range search, when all k
+    are: a picture copied a thousand times is one group, not one per k). Every member is thus
+    within the threshold of its leader; similarity chains (A~B~C~...) cannot merge a whole class
+    the way connected components did. Writes dup_groups.npy (int64 per row: its leader's row)
+    and returns the group-size statistics (see group_stats)."""
+    n = int(index.ntotal)
+    groups = np.full(n, -1, dtype=np.int64)
+    k = max(1, min(k, n))
     row = 0
     for part in range(parts):
         emb = np.load(part_paths(root, part)["img_emb"], mmap_mode="r")
         for start in range(0, emb.shape[0], 8192):
             queries = np.ascontiguousarray(emb[start : start + 8192], dtype=np.float32)
-            sims, ids = index.search(queries, min(k, index.ntotal))
-            src = np.repeat(np.arange(row + start, row + start + len(queries)), ids.shape[1])
-            near = (sims.ravel() >= threshold) & (ids.ravel() >= 0) & (ids.ravel() != src)
-            for a, b in zip(src[near].tolist(), ids.ravel()[near].tolist(), strict=True):
-                ra, rb = find(a), find(b)
-                if ra != rb:  # the lower row becomes the root: groups do not depend on order
-                    parent[max(ra, rb)] = min(ra, rb)
+            sims, ids = index.search(queries, k)
+            first = row + start
+            own = np.arange(first, first + len(queries))[:, None]
+            near = (sims >= threshold) & (ids >= 0) & (ids != own)
+            has_near = near.any(axis=1).tolist()
+            full = ((sims[:, -1] >= threshold) & (k < n)).tolist()  # more may lie beyond k
+            # Sequential by nature (a leader claims rows before later leaders can), but only
+            # rows with near neighbours do any array work.
+            for i, has in enumerate(has_near):
+                r = first + i
+                if groups[r] >= 0:
+                    continue
+                groups[r] = r
+                if has:
+                    members = ids[i][near[i]]
+                    if full[i]:
+                        members = _all_within(index, queries[i : i + 1], threshold, k)
+                    groups[members[groups[members] < 0]] = r
         row += emb.shape[0]
-    groups = np.array([find(i) for i in range(len(parent))], dtype=np.int64)
     with atomic_path(Path(root) / DUP_GROUPS) as tmp, open(tmp, "wb") as f:
         np.save(f, groups)
-    return int((groups != np.arange(len(groups))).sum())
+    return group_stats(groups)
+
+
+def _all_within(index, query: np.ndarray, threshold: float, k: int) -> np.ndarray:
+    """Every row with cosine >= threshold to ``query`` (a 1-row batch)."""
+    try:  # strict '>' in faiss: a hair below, then filtered
+        _, sims, ids = index.range_search(query, threshold - 1e-6)
+        return ids[sims >= threshold]
+    except RuntimeError:  # an index type without range search: widen k until it is enough
+        n = int(index.ntotal)
+        while True:
+            k = min(n, k * 8)
+            sims, ids = index.search(query, k)
+            if sims[0, -1] < threshold or k >= n:
+                return ids[0][(sims[0] >= threshold) & (ids[0] >= 0)]
+
+
+_MAX = np.iinfo(np.int64).max
+SIZE_BUCKETS = (("1", 1, 1), ("2", 2, 2), ("3-5", 3, 5), ("6-20", 6, 20), (">20", 21, _MAX))
+
+
+def group_stats(groups: np.ndarray) -> dict:
+    """rows, groups, rows that joined another's group, groups per size bucket, the largest."""
+    groups = np.asarray(groups, dtype=np.int64)
+    sizes = np.bincount(groups, minlength=len(groups)) if len(groups) else np.zeros(0, np.int64)
+    sizes = sizes[sizes > 0]
+    buckets = {name: int(((sizes >= lo) & (sizes <= hi)).sum()) for name, lo, hi in SIZE_BUCKETS}
+    return {
+        "rows": int(len(groups)),
+        "groups": int(len(sizes)),
+        "joined": int(len(groups) - len(sizes)),
+        "sizes": buckets,
+        "largest": int(sizes.max(initial=0)),
+    }
+
+
+def group_stats_warning(stats: dict, threshold: float | None) -> str | None:
+    """A warning when the largest group is implausibly large for near duplicates: a model too
+    weak for the threshold merges distinct images, and one group yields one sample per shift."""
+    limit = max(50, int(0.01 * stats["rows"]))
+    if stats["largest"] <= limit:
+        return None
+    return (
+        f"the largest near-duplicate group holds {stats['largest']} of {stats['rows']} images "
+        f"(cosine >= {threshold}); a shift keeps one image per group: check the model, or "
+        "raise --dedup-cosine (1.0 turns grouping off)"
+    )
 
 
 def _take_rows(arrays: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
@@ -169,11 +260,27 @@ class PoolIndex:
 
         self.root = Path(root)
         self.info = read_info(root)
-        self.faiss = faiss.read_index(str(self.root / FAISS_FILE), faiss.IO_FLAG_MMAP)
+        path = self.root / FAISS_FILE
+        try:
+            self.faiss = faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
+        except RuntimeError as e:  # faiss's messages span lines: keep the CLI's one line
+            raise ResourceError(f"unreadable faiss index {path}: {_one_line(e)}") from None
+        if (self.faiss.ntotal, self.faiss.d) != (self.info.count, self.info.dim):
+            raise ResourceError(
+                f"{path} holds {self.faiss.ntotal} vectors of dim {self.faiss.d}, but {INFO} "
+                f"says {self.info.count} of dim {self.info.dim}; rebuild the index"
+            )
         try:
             faiss.ParameterSpace().set_index_parameter(self.faiss, "nprobe", nprobe)
         except RuntimeError:
             pass  # flat indexes have no nprobe
+        try:
+            self._open_rows()
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise ResourceError(f"unreadable index files in {root}: {_one_line(e)}") from None
+
+    def _open_rows(self) -> None:
+        root = self.root
         parts = [part_paths(root, i) for i in range(self.info.parts)]
         arrow = self.root / METADATA_ARROW
         if arrow.exists():  # zero-copy: take() touches only the pages of the rows it returns
@@ -186,6 +293,11 @@ class PoolIndex:
         groups = self.root / DUP_GROUPS
         self.dup_groups = np.load(groups, mmap_mode="r") if groups.exists() else None
         self._offsets = np.cumsum([0] + [a.shape[0] for a in self._emb])
+        if not self.metadata.num_rows == self._offsets[-1] == self.faiss.ntotal:
+            raise ValueError(
+                f"{self.metadata.num_rows} metadata rows, {self._offsets[-1]} embeddings, "
+                f"{self.faiss.ntotal} indexed vectors"
+            )
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         k = min(k, self.faiss.ntotal)

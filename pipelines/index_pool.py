@@ -2,7 +2,11 @@
 
 The pool is img2dataset-style: tars of <key>.jpg with <key>.txt (caption) and/or <key>.json
 ({url, caption, license, ...}). One unit per pool shard writes one part of the index; an
-undecodable image is skipped and recorded in skipped/ with its reason.
+undecodable image, a repeated key, or the rest of a tar after a damaged header is skipped and
+recorded in skipped/ with its reason.
+
+Everything a user can get wrong (pool pattern, weights, faiss factory, an --out folder holding
+another model's parts) is checked by plan_index before any worker starts.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -20,24 +25,29 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curators.knn_index import (
+    DUP_GROUPS,
+    INFO,
     METADATA_SCHEMA,
     SKIPPED_SCHEMA,
     IndexInfo,
     build_faiss_index,
+    make_faiss_index,
     near_duplicate_groups,
     part_paths,
     read_info,
     write_info,
     write_metadata_arrow,
 )
-from shards.atomic import atomic_path
+from shards.atomic import atomic_path, atomic_write_bytes
 from shards.images import BadImage, decode
-from shards.reader import iter_sample_members
+from shards.reader import CorruptTar, iter_sample_members
 
 from .errors import UserError
 from .workdir import RunLock
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+RUN_FILE = "index_run.json"  # what this folder's parts are made with
+DUPLICATE_KEY = "duplicate key"
 # Decode + preprocess threads per embedding worker (PIL releases the GIL); one core stays
 # with the model.
 PREP_THREADS = max(1, min(4, (os.cpu_count() or 2) - 1))
@@ -56,6 +66,113 @@ def pool_shards(pool: str) -> list[Path]:
     if not found:
         raise UserError(f"no pool shards (.tar) at {pool}")
     return [p.resolve() for p in found]
+
+
+def pool_label(shards: list[Path]) -> str:
+    """The pool's name for provenance (source.dataset): the folder holding its shards, not a
+    pattern such as '*.tar' or '{00000..00004}.tar'."""
+    common = Path(os.path.commonpath([str(s.parent) for s in shards]))
+    return common.name or "pool"
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    """What an index run will do, checked before any worker starts."""
+
+    pool: str  # as the user wrote it
+    shards: list[Path]
+    pool_name: str
+    model: str  # the open_clip model name
+    pretrained: str  # what loads the weights: tag, absolute checkpoint path, or "random"
+    weights: str  # location-free description
+    factory: str
+
+    def binding(self) -> dict:
+        digest = hashlib.sha256("\n".join(map(str, self.shards)).encode()).hexdigest()
+        return {
+            "model": self.model,
+            "weights": self.weights,
+            "pool": self.pool,
+            "shards": len(self.shards),
+            "shards_sha256": digest,
+        }
+
+
+def plan_index(
+    pool: str,
+    model: str,
+    pretrained: str | None,
+    factory: str = "Flat",
+    pool_name: str | None = None,
+) -> IndexPlan:
+    """Resolve the pool, the model, its weights (cache / hub reachability) and the faiss factory:
+    cheap checks that turn a missing resource into one line before Ray or a model starts."""
+    import open_clip
+
+    from curators.clip_models import check_weights, resolve_model_name
+
+    shards = pool_shards(pool)
+    name = resolve_model_name(model)
+    weights = check_weights(name, pretrained)
+    make_faiss_index(int(open_clip.get_model_config(name)["embed_dim"]), factory)
+    return IndexPlan(pool, shards, pool_name or pool_label(shards), name, weights.pretrained,
+                     weights.description, factory)  # fmt: skip
+
+
+def check_binding(out: Path, plan: IndexPlan) -> bool:
+    """Refuse to resume an --out folder whose parts come from other weights or another pool.
+    True when the folder is bound to this plan, False when it is not bound yet."""
+    path = out / RUN_FILE
+    want = plan.binding()
+    if path.exists():
+        try:
+            held = json.loads(path.read_text())
+            held = {k: held[k] for k in want}
+        except (ValueError, TypeError, KeyError):
+            raise UserError(f"unreadable {path}: delete it, or use another --out") from None
+        if held["model"] != want["model"] or held["weights"] != want["weights"]:
+            raise UserError(
+                f"{out} holds index parts of {held['model']} ({held['weights']}), this run "
+                f"embeds with {want['model']} ({want['weights']}); use another --out or delete it"
+            )
+        if (held["shards"], held["shards_sha256"]) != (want["shards"], want["shards_sha256"]):
+            # the shards themselves, not how the pool was spelt ('pool/' vs 'pool/*.tar')
+            raise UserError(
+                f"{out} holds index parts of another pool ({held['pool']}, {held['shards']} "
+                f"shards), this run indexes {want['pool']} ({want['shards']} shards); use "
+                "another --out or delete it"
+            )
+        return True
+    return False
+
+
+def write_binding(out: Path, plan: IndexPlan) -> None:
+    """Record what this folder's parts are made with (only once every check has passed)."""
+    blob = json.dumps(plan.binding(), indent=2, sort_keys=True) + "\n"
+    atomic_write_bytes(out / RUN_FILE, blob.encode())
+
+
+def _check_finished(out: Path, plan: IndexPlan, dedup_cosine: float | None) -> IndexInfo:
+    """A finished index is returned as is only when it is what this run asks for."""
+    from curators.clip_models import checkpoint_description
+
+    info = read_info(out)
+    held = info.weights
+    if held is None:  # an index from before `weights` existed: describe what it names
+        old = info.pretrained or ""
+        held = checkpoint_description(old) if Path(old).is_file() else old
+    if (info.model, held) != (plan.model, plan.weights):
+        raise UserError(
+            f"{out} holds a finished index of {info.model} ({held}), this run asks for "
+            f"{plan.model} ({plan.weights}); use another --out or delete it"
+        )
+    if (info.factory, info.dedup_cosine) != (plan.factory, dedup_cosine):
+        raise UserError(
+            f"{out} holds a finished index made with --factory {info.factory} --dedup-cosine "
+            f"{info.dedup_cosine}, this run asks for {plan.factory} and {dedup_cosine}; use "
+            f"another --out, or delete {out / INFO} to rebuild from the committed parts"
+        )
+    return info
 
 
 def _describe(key: str, shard: Path, files: dict) -> tuple[dict | None, bytes | None, str | None]:
@@ -97,6 +214,25 @@ def _prepare_batch(preprocess, datas: list[bytes]) -> list[tuple]:
     return out
 
 
+def _samples(shard: Path, skipped: list[dict]):
+    """(key, files) of a pool tar: a repeated key is skipped (the first is kept); a damaged
+    header ends the tar, keeping what came before it; an empty file is recorded."""
+    if shard.stat().st_size == 0:
+        skipped.append({"key": None, "shard": str(shard), "reason": "empty file (0 bytes)"})
+        return
+    seen: set[str] = set()
+    try:
+        for key, files in iter_sample_members(shard, split_repeats=True, flush_on_error=True):
+            if key in seen:
+                skipped.append({"key": key, "shard": str(shard), "reason": DUPLICATE_KEY})
+                continue
+            seen.add(key)
+            yield key, files
+    except CorruptTar as e:
+        reason = f"CorruptTar: {e}; the rest of the tar is skipped"
+        skipped.append({"key": None, "shard": str(shard), "reason": reason})
+
+
 def embed_shard(root: Path, batch_size: int, encoder, unit: tuple[int, str]) -> dict:
     """One pool shard -> one index part. A helper thread decodes batch i+1 while batch i encodes."""
     import torch
@@ -135,7 +271,7 @@ def embed_shard(root: Path, batch_size: int, encoder, unit: tuple[int, str]) -> 
             consume_pending()
             pending, batch, datas = (batch, futures), [], []
 
-        for key, files in iter_sample_members(shard):
+        for key, files in _samples(shard, skipped):
             row, data, problem = _describe(key, shard, files)
             if problem:
                 skipped.append({"key": key, "shard": str(shard), "reason": problem})
@@ -180,13 +316,20 @@ def build_index(
     device: str = "auto",
     pool_name: str | None = None,
     dedup_cosine: float | None = 0.95,
+    plan: IndexPlan | None = None,
 ) -> IndexInfo:
-    """Embed every pool shard (skipping committed parts) and build the faiss index."""
+    """Embed every pool shard (skipping committed parts) and build the faiss index.
+
+    ``plan`` (from plan_index) saves checking again what the caller already checked."""
     out = Path(out)
-    shards = pool_shards(pool)
+    plan = plan or plan_index(pool, model, pretrained, factory, pool_name)
+    shards = plan.shards
     with RunLock(out):
-        if (out / "index_info.json").exists():
-            return read_info(out)
+        bound = check_binding(out, plan)
+        if (out / INFO).exists():
+            return _check_finished(out, plan, dedup_cosine)
+        if not bound:
+            write_binding(out, plan)
         todo = [
             (i, str(s)) for i, s in enumerate(shards) if not part_paths(out, i)["metadata"].exists()
         ]
@@ -194,21 +337,28 @@ def build_index(
             "embed",
             todo,
             partial(embed_shard, out, batch_size),
-            setup=partial(_make_encoder, model, pretrained, device, batch_size),
+            setup=partial(_make_encoder, plan.model, plan.pretrained, device, batch_size),
             gpu=True,
         ):
             pass  # each part is committed by its unit; results only drive the progress bar
+        parts = [part_paths(out, i) for i in range(len(shards))]
+        skipped = sum(pq.read_metadata(p["skipped"]).num_rows for p in parts)
+        if sum(pq.read_metadata(p["metadata"]).num_rows for p in parts) == 0:
+            raise UserError(
+                f"the pool {plan.pool} holds no decodable image ({len(shards)} shards, {skipped} "
+                f"items skipped: see {out / 'skipped'})"
+            )
         index = build_faiss_index(out, len(shards), factory)
         write_metadata_arrow(out, len(shards))
+        stats = None
         if dedup_cosine is not None and dedup_cosine < 1.0:
-            near_duplicate_groups(out, index, len(shards), dedup_cosine)
-        skipped = sum(
-            pq.read_metadata(part_paths(out, i)["skipped"]).num_rows for i in range(len(shards))
-        )
+            stats = near_duplicate_groups(out, index, len(shards), dedup_cosine)
+        else:  # grouping off: no stale groups from a killed run with another setting
+            (out / DUP_GROUPS).unlink(missing_ok=True)
         info = IndexInfo(
-            model=model, pretrained=pretrained, dim=index.d, count=index.ntotal, factory=factory,
-            parts=len(shards), skipped=skipped, pool=pool_name or Path(pool).name,
-            dedup_cosine=dedup_cosine,
+            model=plan.model, pretrained=plan.pretrained, dim=index.d, count=index.ntotal,
+            factory=factory, parts=len(shards), skipped=skipped, pool=plan.pool_name,
+            dedup_cosine=dedup_cosine, weights=plan.weights, dedup_stats=stats,
         )  # fmt: skip
         write_info(out, info)
         return info

@@ -38,14 +38,22 @@ def _octal(field: bytes) -> int:
     if field[:1] and field[0] & 0x80:  # GNU base-256 for large sizes
         return int.from_bytes(field[1:], "big")
     digits = field.split(b"\0", 1)[0].strip()
-    return int(digits, 8) if digits else 0
+    try:
+        return int(digits, 8) if digits else 0
+    except ValueError:  # garbage where a number belongs: a damaged header, not a bug
+        raise CorruptTar(f"bad octal field {bytes(digits)[:12]!r}") from None
 
 
 def _pax_path(data: bytes) -> bytes | None:
     path = None
     while data:
         length, _, rest = data.partition(b" ")
-        n = int(length)
+        try:
+            n = int(length)
+        except ValueError:
+            raise CorruptTar(f"bad pax record length {length[:12]!r}") from None
+        if n <= 0:
+            raise CorruptTar(f"bad pax record length {n}")
         record = (length + b" " + rest)[:n]
         key, _, value = record[len(length) + 1 : -1].partition(b"=")
         if key == b"path":
@@ -112,19 +120,31 @@ def iter_members(path: str | os.PathLike) -> Iterator[Member]:
 
 
 def iter_sample_members(
-    path: str | os.PathLike,
+    path: str | os.PathLike, *, split_repeats: bool = False, flush_on_error: bool = False
 ) -> Iterator[tuple[str, dict[str, tuple[int, bytes]]]]:
-    """(key, {ext: (data offset, bytes)}) per sample, in tar order."""
+    """(key, {ext: (data offset, bytes)}) per sample, in tar order.
+
+    ``split_repeats``: a member whose key and extension repeat the previous sample's starts a
+    new sample (the same key written twice in a row), instead of overwriting the earlier bytes.
+    ``flush_on_error``: on a damaged header, yield the sample read so far before raising
+    CorruptTar, so a caller can keep everything before the damage.
+    """
     key: str | None = None
     files: dict[str, tuple[int, bytes]] = {}
     with _mapped(path) as buf:
-        for name, offset, size in iter_entries(buf):
-            k, ext = split_name(name)
-            if k != key:
-                if key is not None:
-                    yield key, files
-                key, files = k, {}
-            files[ext] = (offset, bytes(buf[offset : offset + size]))
+        try:
+            for name, offset, size in iter_entries(buf):
+                k, ext = split_name(name)
+                if k != key or (split_repeats and ext in files):
+                    if key is not None:
+                        yield key, files
+                    key, files = k, {}
+                files[ext] = (offset, bytes(buf[offset : offset + size]))
+        except CorruptTar:
+            if flush_on_error and key is not None:
+                pending, key = (key, files), None
+                yield pending
+            raise
     if key is not None:
         yield key, files
 
