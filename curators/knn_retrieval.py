@@ -46,9 +46,21 @@ class ClipKnnParams:
 
     def check(self) -> dict[str, str]:
         """Problems with the resources the params name, keyed by param name."""
+        from .knn_index import INFO, read_info
+
         problems = {}
-        if not (Path(self.index) / "index_info.json").is_file():
+        if not (Path(self.index) / INFO).is_file():
             problems["index"] = f"no finished index at {self.index}"
+        else:
+            try:
+                read_info(self.index)
+            except ResourceError as e:
+                problems["index"] = str(e)
+        if self.model and not (self.pretrained or "").strip():
+            problems["pretrained"] = (
+                f"model {self.model} needs weights: an open_clip tag, a checkpoint path, "
+                "or 'random'"
+            )
         if self.queries == "image":
             if not self.exemplars:
                 problems["exemplars"] = "image queries need an exemplar folder"

@@ -9,7 +9,34 @@ from pathlib import Path
 
 from .errors import UserError
 
+DESCRIPTION = """Build class-balanced ImageNet-sized training-data shifts with per-sample
+provenance. Start with `imagenetpp demo`; `imagenetpp COMMAND --help` for each command."""
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo_knn_img.yaml"
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Shows each option's default where it has a meaningful one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line naming it (exit 2), like every other user error."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"imagenetpp: error: {message} (see '{self.prog} --help')\n")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}{'es' if word.endswith('s') else 's'}"
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -18,7 +45,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         sets.append(f"run.ray_address={args.ray_address}")
     if args.executor:
         sets.append(f"run.executor={args.executor}")
-    if args.workers:
+    if args.workers is not None:
         sets.append(f"run.workers={args.workers}")
     if args.no_progress:
         sets.append("run.progress=false")
@@ -28,56 +55,106 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 def cmd_curate(args: argparse.Namespace) -> int:
     from .config import load_config
     from .curate import curate
-    from .finalize import summary_table
+    from .executor import check_ray_address
+    from .finalize import no_sample_reason, summary_table
+    from .workdir import check_output
 
-    config = load_config(args.config, _overrides(args))
+    # Everything the user typed is checked before anything is built or written.
+    config = load_config(args.config, _overrides(args), check_resources=False)
     out = Path(args.out or config.run.out)
+    check_output(out / config.shift)
+    if config.run.executor == "ray":
+        check_ray_address(config.run.ray_address)
+    config = load_config(args.config, _overrides(args))
     manifest = curate(config, out)
     print(summary_table(manifest))
     print(f"shards: {out / config.shift / 'shards'}")
+    if manifest["total_samples"] == 0:
+        print(f"imagenetpp: error: no sample kept: {no_sample_reason(manifest)}", file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo_world import ensure_demo_world
-
-    ensure_demo_world()
-    args.config = str(DEMO_CONFIG)
+    args.config = str(DEMO_CONFIG)  # the world is built once the config and options check out
     return cmd_curate(args)
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .demo_world import demo_world_ready
+    from .workdir import check_output
+
+    config = load_config(args.config, _overrides(args), check_resources=False)
+    check_output(Path(args.out or config.run.out) / config.shift)
+    if config.curator.demo_params and not demo_world_ready():
+        resources = "demo world not built yet (curate builds it once)"
+    else:
+        config = load_config(args.config, _overrides(args))
+        resources = "found"
+    classes = config.classes
+    n = len(classes.wnids) if classes.wnids else classes.first or 1000
+    print(
+        f"{args.config}: OK (shift {config.shift}, curator {config.curator.name}, "
+        f"{_plural(n, 'class')} x {config.target_per_class}, config hash {config.content_hash()}; "
+        f"resources {resources})"
+    )
+    return 0
+
+
 def cmd_index(args: argparse.Namespace) -> int:
+    from curators.knn_index import group_stats_warning
+
     from .executor import make_executor
-    from .index_pool import build_index
+    from .index_pool import build_index, plan_index
 
     if not 0.0 < args.dedup_cosine <= 1.0:
         raise UserError(f"--dedup-cosine must lie in (0, 1], got {args.dedup_cosine}")
+    # Pool, weights (cache, hub) and factory are checked before Ray or any model starts.
+    plan = plan_index(args.pool, args.model, args.pretrained, args.factory, args.pool_name)
     executor = make_executor(
         args.executor or "ray", args.ray_address, args.workers, not args.no_progress
     )
     try:
         info = build_index(
             executor, args.pool, args.out, args.model, args.pretrained, args.factory,
-            args.batch_size, args.device, dedup_cosine=args.dedup_cosine,
+            args.batch_size, args.device, dedup_cosine=args.dedup_cosine, plan=plan,
         )  # fmt: skip
     finally:
         executor.shutdown()
     print(
         f"index: {args.out} ({info.count} images, {info.skipped} skipped, dim {info.dim}, {info.factory})"
     )
+    stats = info.dedup_stats
+    if stats:
+        sizes = ", ".join(f"{name}: {n}" for name, n in stats["sizes"].items())
+        print(
+            f"near-duplicate groups (cosine >= {info.dedup_cosine}): {stats['groups']} groups, "
+            f"by size {sizes}; largest {stats['largest']}"
+        )
+        warning = group_stats_warning(stats, info.dedup_cosine)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from shards.verify import verify_shift
+    from shards.verify import NotAShift, verify_shift
 
     if not Path(args.shift_dir).is_dir():
         raise UserError(f"no such shift folder: {args.shift_dir}")
-    problems = verify_shift(args.shift_dir)
-    for p in problems:
+    try:
+        report = verify_shift(args.shift_dir)
+    except NotAShift as e:
+        raise UserError(str(e)) from None
+    for p in report.problems:
         print(p)
-    print(f"{args.shift_dir}: {'OK' if not problems else f'{len(problems)} problems'}")
-    return 1 if problems else 0
+    checked = f"{_plural(report.shards, 'shard')}, {_plural(report.samples, 'sample')} checked"
+    if report.ok:
+        print(f"{args.shift_dir}: OK ({checked})")
+        return 0
+    print(f"{args.shift_dir}: {_plural(len(report.problems), 'problem')} ({checked})")
+    return 1
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -88,36 +165,57 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--ray-address", help="join this Ray cluster (default: $RAY_ADDRESS, else a local one)"
-    )
-    p.add_argument("--executor", choices=["ray", "local"], help="where units run (default: ray)")
-    p.add_argument("--workers", type=int, help="parallel workers per stage")
+    p.add_argument("--ray-address", metavar="HOST:PORT",
+                   help="join this Ray cluster (default: $RAY_ADDRESS, else start a local one)")  # fmt: skip
+    p.add_argument("--executor", choices=["ray", "local"],
+                   help="where units run: Ray actors, or one after another in this process "
+                   "(default: run.executor of the config, ray)")  # fmt: skip
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="parallel workers per stage (default: the CPUs Ray sees)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imagenetpp", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="imagenetpp", description=DESCRIPTION)
+    sub = parser.add_subparsers(
+        dest="command", required=True, parser_class=_Parser, metavar="COMMAND"
+    )
 
     p = sub.add_parser("curate", help="make (or resume) a shift from a config")
-    p.add_argument("config")
-    p.add_argument("--out", help="output root (default: run.out of the config)")
+    p.add_argument("config", help="shift config (YAML), e.g. configs/la1000_img2img.yaml")
+    p.add_argument(
+        "--out", help="output root; the shift goes to OUT/<shift> (default: run.out of the config)"
+    )
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
     _run_options(p)
     p.set_defaults(func=cmd_curate)
 
+    p = sub.add_parser(
+        "check", help="validate a config and the resources it names, without running anything"
+    )
+    p.add_argument("config", help="shift config (YAML)")
+    p.add_argument("--out", help="output root to check (default: run.out of the config)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    _run_options(p)
+    p.set_defaults(func=cmd_check)
+
     p = sub.add_parser("demo", help="build the offline demo world (once) and curate its shift")
-    p.add_argument("--out", default="out/demo")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--out", default="out/demo", help="output root")
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a key of the demo config"
+    )
     _run_options(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("index", help="embed an image-text webdataset pool and build a faiss index")
-    p.add_argument("pool", help="folder of .tar shards, or a glob")
+    p.add_argument("pool", help="folder of .tar shards, a glob, or a brace pattern")
     p.add_argument("--out", required=True, help="index folder")
+    p.add_argument(
+        "--pool-name", help="the pool's name in provenance (default: the folder of its shards)"
+    )
     p.add_argument("--model", default="ViT-L-14", help="open_clip model name or config .json")
-    p.add_argument("--pretrained", default="openai", help="open_clip tag or local checkpoint")
+    p.add_argument("--pretrained", default="openai",
+                   help="open_clip tag, local checkpoint, or 'random' (untrained, seed 0)")  # fmt: skip
     p.add_argument(
         "--factory", default="Flat", help="faiss index factory string, e.g. IVF4096,PQ64"
     )
@@ -129,13 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("status", help="how far a shift's run has got (committed units per stage)")
-    p.add_argument("shift_dir")
+    p.add_argument("shift_dir", help="a shift's output folder, OUT/<shift>")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser(
-        "verify", help="re-read a shift's shards and check them against its manifest"
+        "verify", help="re-read a shift's shards and check them against its manifest and index"
     )
-    p.add_argument("shift_dir")
+    p.add_argument("shift_dir", help="a shift's output folder, OUT/<shift>")
     p.set_defaults(func=cmd_verify)
     return parser
 

@@ -26,6 +26,17 @@ def run_cli(*args: str, check: bool = False, **kwargs) -> subprocess.CompletedPr
     return proc
 
 
+def one_line_error(proc: subprocess.CompletedProcess, *names: str) -> str:
+    """A user error: exit 2, exactly one stderr line naming the culprit, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("imagenetpp: error:"), proc.stderr
+    for name in names:
+        assert name in lines[0], (name, lines[0])
+    return lines[0]
+
+
 @pytest.fixture(scope="session")
 def demo_world() -> Path:
     from pipelines.demo_world import ensure_demo_world

@@ -79,7 +79,7 @@ def test_a_resource_error_inside_a_ray_worker_exits_2(demo_world, tmp_path):
     # The curator loads in a Ray actor; a model whose width differs from the index fails there.
     proc = run_cli(
         "curate", str(DEMO_CONFIG), "--out", str(tmp_path), "--no-progress",
-        "--set", "curator.params.model=ViT-B-32",
+        "--set", "curator.params.model=ViT-B-32", "--set", "curator.params.pretrained=random",
     )  # fmt: skip
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
