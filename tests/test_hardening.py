@@ -152,3 +152,16 @@ def test_rerun_keeps_the_record_of_the_run_that_did_the_work(demo_world, tmp_pat
     assert {k: v for k, v in second.items() if k != "run_history"} == {
         k: v for k, v in first.items() if k != "run_history"
     }
+
+
+def test_a_run_that_keeps_nothing_fails_and_says_why(demo_world, tmp_path):
+    proc = run_cli(
+        "curate", str(DEMO_CONFIG), "--out", str(tmp_path), "--executor", "local",
+        "--no-progress", "--set", "curator.params.min_similarity=1.0",
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("imagenetpp: error: no sample kept:")
+    assert "the curator found no candidates (10 of 10 classes)" in last
+    manifest = json.loads((tmp_path / "demo-knn-img" / "manifest.json").read_text())
+    assert manifest["total_samples"] == 0 and len(manifest["shortfalls"]) == 10
