@@ -87,12 +87,12 @@ import json, resource, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
 from curators import label_set
-from pipelines.select import ClassFile, select_all, plan_shards
+from pipelines.select import select_all, plan_shards
 folder = Path(sys.argv[1])
 classes = label_set()
-files = [ClassFile(c, folder / f"{c.index:04d}.parquet") for c in classes]
+files = sorted(folder.glob("*.parquet"))
 t = time.perf_counter()
-table, stats = select_all(files, 1300, 0.95)
+table, stats = select_all(list(classes), files, 1300, 0.95)
 shards = plan_shards(table, {c.index: c.wnid for c in classes}, 1000, 0)
 wall = time.perf_counter() - t
 print(json.dumps({"wall_s": round(wall, 3), "selected": table.num_rows, "shards": len(shards),
@@ -108,10 +108,11 @@ def make_candidates(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines.candidates import SCHEMA
+    from pipelines.candidates import candidate_schema
 
+    SCHEMA = candidate_schema()
     marker = folder / "DONE"
-    stamp = json.dumps(SCHEMA.names)  # regenerate when the candidate schema changes
+    stamp = json.dumps([str(f) for f in SCHEMA])  # regenerate when the schema changes
     if marker.exists() and marker.read_text() == stamp:
         return
     shutil.rmtree(folder, ignore_errors=True)
@@ -119,7 +120,13 @@ def make_candidates(
     rng = np.random.default_rng(0)
     sizes = rng.multinomial(total, rng.dirichlet(np.full(classes, 20.0)))
     shared = [f"s{i}" for i in range(20_000)]  # items several classes claim
+    per_unit = 10  # scan-shaped unit files: each holds 10 classes, one row group per class
+    writer = None
     for c, n in enumerate(sizes):
+        if c % per_unit == 0:
+            if writer is not None:
+                writer.close()
+            writer = pq.ParquetWriter(folder / f"unit-{c // per_unit:04d}.parquet", SCHEMA)
         emb = rng.normal(size=(n, dim)).astype(np.float32)
         dup = rng.random(n) < 0.1  # planted near duplicates
         src = rng.integers(0, n, n)
@@ -131,6 +138,7 @@ def make_candidates(
         ids = list(dict.fromkeys(ids)) + [f"c{c}-x{i}" for i in range(n - len(set(ids)))]
         table = pa.table(
             {
+                "label": pa.array(np.full(n, c, np.int64)),
                 "source_id": ids,
                 "score": rng.random(n),
                 "query_kind": ["image"] * n,
@@ -144,13 +152,14 @@ def make_candidates(
                 "locator": ['{"kind":"tar"}'] * n,
                 "seed": pa.nulls(n, pa.int64()),
                 "prompt": pa.nulls(n, pa.string()),
-                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), dim).cast(
-                    pa.list_(pa.float32())
-                ),
+                "embedding": pa.FixedSizeListArray.from_arrays(
+                    pa.array(emb.astype(np.float16).ravel()), dim
+                ).cast(pa.list_(pa.float16())),
             },
             schema=SCHEMA,
-        ).replace_schema_metadata({"model": json.dumps({"name": "bench", "weights": None})})
-        pq.write_table(table, folder / f"{c:04d}.parquet")
+        )
+        writer.write_table(table, row_group_size=n)
+    writer.close()
     marker.write_text(stamp)
 
 

@@ -1,4 +1,5 @@
-"""Curation strategies. Each turns one ImageNet class into scored candidates.
+"""Curation strategies. Each cuts its work into units and turns a unit into labelled,
+scored candidates (see base.py).
 
 ``create_curator(name, params)`` is the one factory; ``params_type(name)`` gives the
 dataclass a config's ``curator.params`` is validated against. Modules load lazily so that
@@ -20,10 +21,20 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
 
 
 def _lookup(name: str, which: int) -> Any:
-    if name not in REGISTRY:
+    """A registered curator by name, or any importable one as "package.module:ClassName"
+    (its params dataclass is the class's ``Params`` attribute): curators outside this
+    package plug in without editing the registry."""
+    if name in REGISTRY:
+        entry = REGISTRY[name]
+        return getattr(importlib.import_module(entry[0]), entry[which])
+    module, sep, attr = name.partition(":")
+    if not sep or not module or not attr:
         raise KeyError(name)
-    entry = REGISTRY[name]
-    return getattr(importlib.import_module(entry[0]), entry[which])
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError):
+        raise KeyError(name) from None
+    return cls if which == 1 else cls.Params
 
 
 def params_type(name: str) -> type:

@@ -7,13 +7,14 @@ queries. Text mode queries with the mean embedding of prompt templates over the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from .base import Candidate, ResourceError
+from .base import Candidate, ResourceError, Resources, Unit, class_units, unit_class
 from .labels import ImageNetClass
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -83,21 +84,47 @@ def exemplar_files(folder: str | Path, wnid: str, limit: int) -> list[Path]:
 
 
 class ClipKnnCurator:
+    """The look-up shape: one unit per class, candidates are pool tar ranges."""
+
     name = "clip_knn"
+    resources = Resources(cpus=1.0, gpus=1.0)  # the GPU, where a cluster has one, encodes queries
+    license = None  # the pool's own, per sample
 
     def __init__(self, params: ClipKnnParams) -> None:
+        self.params = params
+        self._index = None
+        self._encoder = None
+
+    def units(self, classes: Sequence[ImageNetClass]) -> list[Unit]:
+        return class_units(classes)
+
+    def _load(self) -> None:
+        """Index and model, once per worker, on first use (the driver never loads them)."""
         from .clip_models import ClipEncoder
         from .knn_index import PoolIndex
 
-        self.params = params
-        self.index = PoolIndex(params.index, nprobe=params.nprobe)
-        model = params.model or self.index.info.model
-        pretrained = params.pretrained if params.model else self.index.info.pretrained
-        self.encoder = ClipEncoder(model, pretrained, params.device, params.batch_size)
-        if self.encoder.dim != self.index.info.dim:
+        params = self.params
+        index = PoolIndex(params.index, nprobe=params.nprobe)
+        model = params.model or index.info.model
+        pretrained = params.pretrained if params.model else index.info.pretrained
+        encoder = ClipEncoder(model, pretrained, params.device, params.batch_size)
+        if encoder.dim != index.info.dim:
             raise ResourceError(
-                f"model {model} embeds in {self.encoder.dim} dims, the index in {self.index.info.dim}"
+                f"model {model} embeds in {encoder.dim} dims, the index in {index.info.dim}"
             )
+        self._index, self._encoder = index, encoder
+
+    @property
+    def index(self):
+        if self._index is None:
+            self._load()
+        return self._index
+
+    @property
+    def encoder(self):
+        if self._encoder is None:
+            self._load()
+        return self._encoder
 
     @property
     def model(self) -> dict[str, str | None]:
@@ -128,7 +155,8 @@ class ClipKnnCurator:
         mean /= max(float(np.linalg.norm(mean)), 1e-12)
         return mean, [f"{self.params.templates} templates: {cls.name}"]
 
-    def candidates(self, cls: ImageNetClass) -> list[Candidate]:
+    def candidates(self, unit: Unit) -> list[Candidate]:
+        cls = unit_class(unit)
         p = self.params
         queries, labels = (
             self._image_queries(cls) if p.queries == "image" else self._text_queries(cls)
@@ -155,6 +183,7 @@ class ClipKnnCurator:
         for (row, (score, q)), m, e in zip(ranked, meta, emb, strict=True):
             out.append(
                 Candidate(
+                    label=cls.index,
                     source_id=m["key"],
                     score=score,
                     query_kind=p.queries,

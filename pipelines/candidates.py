@@ -1,12 +1,20 @@
-"""Stage 1, candidates: one unit per class; the curator proposes scored candidates.
+"""Stage 1, candidates: the curator's units, each turned into labelled, scored candidates.
 
-Each class's candidates land in _work/candidates/<index>.parquet (the unit's commit marker).
+A unit's candidates land in _work/candidates/<unit>.parquet (the unit's commit marker), rows
+sorted by label with one row group per label, so select reads one class's rows from a file
+that holds many. Bytes a curator made (``Candidate.data``) are stored here, not by the
+curator: _work/blobs/<unit>.tar first, the parquet last, and the candidate points at its
+range of the blob tar. A committed unit is never run again, so pixels are never regenerated.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
-from functools import partial
+import types
+import typing
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -15,75 +23,114 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curators import Candidate, ImageNetClass, create_curator
+from curators.base import Unit
 from shards.atomic import atomic_path
+from shards.sources import blob_path
+from shards.writer import ShardWriter
 
-SCHEMA = pa.schema(
-    [
-        ("source_id", pa.string()),
-        ("score", pa.float64()),
-        ("query_kind", pa.string()),
-        ("query_value", pa.string()),
-        ("source_dataset", pa.string()),
-        ("url", pa.string()),
-        ("caption", pa.string()),
-        ("license", pa.string()),
-        ("sha256", pa.string()),
-        ("duplicate_group", pa.string()),
-        ("locator", pa.string()),
-        ("seed", pa.int64()),
-        ("prompt", pa.string()),
-        ("embedding", pa.list_(pa.float32())),
-    ]
-)
+from .errors import UserError
+
+_ARROW = {str: pa.string(), float: pa.float64(), int: pa.int64()}
 
 
-def candidates_path(folder: Path, cls: ImageNetClass) -> Path:
-    return folder / f"{cls.index:04d}.parquet"
+def _column_type(name: str, hint: Any) -> pa.DataType:
+    if name == "embedding":
+        return pa.list_(pa.float16())  # half the bytes; cosines to 1e-3, enough to dedupe
+    if name == "locator":
+        return pa.string()  # JSON
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return _ARROW[hint]
+
+
+@lru_cache(maxsize=1)
+def candidate_schema() -> pa.Schema:
+    """The candidate file's columns, derived from the Candidate dataclass (``data`` excepted:
+    bytes go to the blob tar)."""
+    hints = typing.get_type_hints(Candidate)
+    return pa.schema(
+        [
+            (f.name, _column_type(f.name, hints[f.name]))
+            for f in dataclasses.fields(Candidate)
+            if f.name != "data"
+        ]
+    )
+
+
+def candidates_path(folder: Path, unit: Unit) -> Path:
+    return folder / f"{unit.id}.parquet"
+
+
+def candidate_table(cands: list[Candidate], model: dict) -> pa.Table:
+    schema = candidate_schema()
+    cols: dict[str, list] = {name: [] for name in schema.names}
+    for c in cands:
+        for name in schema.names:
+            value = getattr(c, name)
+            if name == "locator":
+                value = json.dumps(value, sort_keys=True)
+            elif name == "embedding" and value is not None:
+                value = np.asarray(value, np.float16)
+            cols[name].append(value)
+    # Counts for the embed stage, readable from the footer without reading the rows.
+    missing = sum(c.embedding is None for c in cands)
+    urls = sum(c.locator.get("kind") == "url" for c in cands)
+    return pa.table(cols, schema=schema).replace_schema_metadata(
+        {"model": json.dumps(model, sort_keys=True), "missing_embeddings": str(missing),
+         "url_candidates": str(urls)}
+    )  # fmt: skip
+
+
+def write_candidate_table(path: Path, table: pa.Table) -> None:
+    """Commit a candidates table sorted by label, one row group per label."""
+    labels = table["label"].to_numpy() if table.num_rows else np.zeros(0, np.int64)
+    starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]]) if labels.size else []
+    bounds = [*map(int, starts), int(labels.size)]
+    with atomic_path(path) as tmp:
+        with pq.ParquetWriter(tmp, table.schema) as writer:
+            if not labels.size:
+                writer.write_table(table)
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+                writer.write_table(table.slice(a, b - a), row_group_size=b - a)
 
 
 def write_candidates(path: Path, cands: list[Candidate], model: dict) -> None:
-    cols: dict[str, list] = {name: [] for name in SCHEMA.names}
-    for c in cands:
-        for name in SCHEMA.names:
-            if name == "locator":
-                cols[name].append(json.dumps(c.locator, sort_keys=True))
-            elif name == "embedding":
-                cols[name].append(
-                    None if c.embedding is None else np.asarray(c.embedding, np.float32)
-                )
-            else:
-                cols[name].append(getattr(c, name))
-    table = pa.table(cols, schema=SCHEMA).replace_schema_metadata(
-        {"model": json.dumps(model, sort_keys=True)}
-    )
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+    """Rows sorted by (label, score desc, source id), one row group per label."""
+    cands = sorted(cands, key=lambda c: (c.label, -c.score, c.source_id))
+    write_candidate_table(path, candidate_table(cands, model))
 
 
-def _setup(curator_name: str, params: Any):
-    return create_curator(curator_name, params)
+def store_blobs(work_root: Path, unit: Unit, cands: list[Candidate]) -> int:
+    """Move generated bytes into _work/blobs/<unit>.tar; candidates get blob locators."""
+    made = [c for c in cands if c.data is not None]
+    if not made:
+        return 0
+    with ShardWriter(blob_path(work_root, unit.id)) as writer:
+        for i, c in enumerate(made):
+            offset, size = writer.write(f"{i:06d}", {"bin": c.data})["bin"]
+            c.sha256 = c.sha256 or hashlib.sha256(c.data).hexdigest()
+            c.locator = {"kind": "blob", "unit": unit.id, "offset": offset, "size": size}
+            c.data = None
+        writer.close()
+    return len(made)
 
 
-def _work(folder: Path, curator, cls: ImageNetClass) -> dict:
-    cands = curator.candidates(cls)
-    write_candidates(candidates_path(folder, cls), cands, curator.model)
-    return {"label": cls.index, "samples": len(cands)}
+def unit_work(folder: Path, work_root: Path, curator, unit: Unit) -> dict:
+    """The candidates unit: the curator's candidates for one unit, blobs stored, committed."""
+    cands = list(curator.candidates(unit))
+    allowed = set(unit.labels)
+    stray = next((c.label for c in cands if c.label not in allowed), None)
+    if stray is not None:
+        raise UserError(f"curator {curator.name} gave label {stray} in unit {unit.id}, which covers {sorted(allowed)}")  # fmt: skip
+    blobs = store_blobs(work_root, unit, cands)  # the tar first: the parquet is the commit
+    write_candidates(candidates_path(folder, unit), cands, curator.model)
+    return {"unit": unit.id, "samples": len(cands), "blobs": blobs}
 
 
-def run_candidates(executor, config, classes: list[ImageNetClass], folder: Path) -> dict:
-    folder.mkdir(parents=True, exist_ok=True)
-    todo = [c for c in classes if not candidates_path(folder, c).exists()]
-    results = list(
-        executor.map(
-            "candidates",
-            todo,
-            partial(_work, folder),
-            setup=partial(_setup, config.curator.name, config.curator.params),
-            gpu=True,
-        )
-    )
-    return {
-        "units": len(classes),
-        "run": len(todo),
-        "candidates": sum(r["samples"] for r in results),
-    }
+def plan_units(config, classes: list[ImageNetClass]) -> list[Unit]:
+    """The curator's cut of the work (cheap: a curator loads its models lazily)."""
+    units = create_curator(config.curator.name, config.curator.params).units(classes)
+    ids = [u.id for u in units]
+    if len(set(ids)) != len(ids):
+        raise UserError(f"curator {config.curator.name} gave two units the same id")
+    return units

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from .errors import PartialFailure, UserError
 
 DESCRIPTION = """Build class-balanced ImageNet-sized training-data shifts with per-sample
 provenance. Start with `imagenetpp demo`; `imagenetpp COMMAND --help` for each command."""
@@ -158,9 +158,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .workdir import progress_report
+    from .curate import status_report
 
-    print("\n".join(progress_report(Path(args.shift_dir))))
+    print("\n".join(status_report(Path(args.shift_dir))))
     return 0
 
 
@@ -239,14 +239,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from curators.base import ResourceError
-
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UserError, ResourceError) as e:
+    except UserError as e:  # ResourceError and ConfigError too
         print(f"imagenetpp: error: {e}", file=sys.stderr)
         return 2
+    except PartialFailure as e:
+        print(f"imagenetpp: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("imagenetpp: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130

@@ -1,10 +1,12 @@
-"""The curation pipeline: config -> candidates -> select -> materialize -> finalize.
+"""The curation pipeline: config -> curator units -> the stages (pipelines/stages.py) -> finalize.
 
 Every stage skips its committed units, so re-running the same command resumes.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import socket
 import time
@@ -12,16 +14,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from curators import ImageNetClass, select_classes
-from shards.manifest import SHARDS_DIR
+from shards.manifest import MANIFEST
 
-from .candidates import run_candidates
-from .config import ShiftConfig
-from .errors import ConfigError
+from .candidates import plan_units
+from .config import ShiftConfig, parse_config
+from .errors import ConfigError, UserError
 from .executor import make_executor
 from .finalize import finalize
-from .materialize import SampleContext, run_materialize
-from .select import run_select
-from .workdir import RunLock, WorkDir
+from .stages import STAGES, Run, failed_path, run_stage, stage_progress
+from .workdir import RunLock, WorkDir, lock_holder
 
 
 def resolve_classes(config: ShiftConfig) -> list[ImageNetClass]:
@@ -32,9 +33,11 @@ def resolve_classes(config: ShiftConfig) -> list[ImageNetClass]:
 
 
 def curate(config: ShiftConfig, out: str | Path | None = None) -> dict:
-    """Run (or resume) a shift; returns its manifest."""
+    """Run (or resume) a shift; returns its manifest. Raises UnitsFailed when units of a stage
+    failed (the others are committed; a re-run retries the failed ones)."""
     shift_dir = Path(out or config.run.out) / config.shift
     classes = resolve_classes(config)
+    units = plan_units(config, classes)
     with RunLock(shift_dir) as lock:
         work = WorkDir(shift_dir)
         work.clear_temporaries()
@@ -49,24 +52,15 @@ def curate(config: ShiftConfig, out: str | Path | None = None) -> dict:
             config.run.executor, config.run.ray_address, config.run.workers,
             config.run.progress, guard=lock.guard(),
         )  # fmt: skip
+        run = Run(config, classes, work, units, node_cpus=executor.node_cpus)
         stages: dict[str, dict] = {}
-
-        def timed(name: str, run, *args) -> None:
-            start = time.monotonic()
-            stages[name] = {**run(*args), "seconds": round(time.monotonic() - start, 3)}
-
         try:
-            timed("candidates", run_candidates, executor, config, classes, work.candidates)
-            timed("select", run_select, executor, config, classes, work)
-            ctx = SampleContext(
-                shift=config.shift,
-                curator=config.curator.name,
-                config_hash=config_hash,
-                class_names={c.index: (c.wnid, c.name) for c in classes},
-                max_side=config.image.max_side,
-                jpeg_quality=config.image.jpeg_quality,
-            )
-            timed("materialize", run_materialize, executor, ctx, work, shift_dir / SHARDS_DIR)
+            for stage in STAGES:
+                start = time.monotonic()
+                stages[stage.name] = {
+                    **run_stage(executor, stage, run),
+                    "seconds": round(time.monotonic() - start, 3),
+                }
             facts = {
                 "started": started,
                 "finished": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -76,3 +70,39 @@ def curate(config: ShiftConfig, out: str | Path | None = None) -> dict:
             return finalize(shift_dir, work, config, classes, facts)
         finally:
             executor.shutdown()
+
+
+def config_from_record(record: dict) -> ShiftConfig:
+    """The config a run was started with, from its _work/run.json (resources not checked)."""
+    data = copy.deepcopy(record)
+    data["curator"].pop("demo_params", None)
+    return parse_config(data, check_resources=False)
+
+
+def status_report(shift_dir: Path) -> list[str]:
+    """Committed units per stage: what a re-run of the same command would still do."""
+    work = WorkDir(shift_dir)
+    if not work.run_file.exists():
+        raise UserError(f"no run has started in {shift_dir}")
+    held = json.loads(work.run_file.read_text())
+    config = config_from_record(held["config"])
+    classes = resolve_classes(config)
+    run = Run(config, classes, work, plan_units(config, classes))
+    lines = [f"shift: {config.shift} (config {held['config_hash']})"]
+    complete = True
+    for name, done, total, failed in stage_progress(run):
+        line = f"{name}: {done}/{'?' if total is None else total} units"
+        if failed:
+            line += f", {failed} failed (see {failed_path(work, name)})"
+        complete &= total is not None and done == total
+        lines.append(line)
+    finished = complete and (shift_dir / MANIFEST).exists()
+    lines.append(f"finalize: {'done' if finished else 'not yet'}")
+    holder = lock_holder(shift_dir)
+    if holder:
+        lines.append(f"run: active, {holder}")
+    else:
+        lines.append(
+            "run: none active" + ("" if finished else "; re-run the same command to resume")
+        )
+    return lines

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-
-class UserError(Exception):
-    """Bad config key or value, missing file, unreachable resource, a locked output."""
+from curators.base import ResourceError, UserError
 
 
 class ConfigError(UserError):
-    pass
+    """A config key or value that cannot be used."""
+
+
+class PartialFailure(Exception):
+    """Some units of work failed; the rest is committed and a re-run retries the failed ones.
+    The CLI prints its one line and exits 1."""
+
+
+__all__ = ["ConfigError", "PartialFailure", "ResourceError", "UserError"]

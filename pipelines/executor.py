@@ -13,18 +13,26 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from curators.base import ResourceError
+from curators.base import Resources
 
 from .errors import UserError
 
-USER_ERRORS = (UserError, ResourceError)
 _ERROR = "__user_error__"
 Setup = Callable[[], Any]
 Work = Callable[[Any, Any], dict]
 
 
+FAILED = "failed"
+
+
 def _no_setup() -> None:
     return None
+
+
+def failure(unit: Any, error: BaseException, why: str | None = None) -> dict:
+    """The record of a unit that did not finish: the stage reports it, the run goes on."""
+    text = why or f"{type(error).__name__}: {' '.join(str(error).split())}"[:500]
+    return {FAILED: True, "unit": str(getattr(unit, "id", unit)), "error": text}
 
 
 class Progress:
@@ -58,6 +66,7 @@ class LocalExecutor:
 
     def __init__(self, progress: bool = True) -> None:
         self.progress = progress
+        self.node_cpus = os.cpu_count() or 1
 
     def map(
         self, desc: str, units: list, work: Work, setup: Setup = _no_setup, **_: Any
@@ -66,7 +75,12 @@ class LocalExecutor:
         try:
             state = setup() if units else None
             for unit in units:
-                result = work(state, unit)
+                try:
+                    result = work(state, unit)
+                except UserError:
+                    raise
+                except Exception as e:  # noqa: BLE001  a unit that fails is recorded, not fatal
+                    result = failure(unit, e)
                 bar.update(result)
                 yield result
         finally:
@@ -90,7 +104,7 @@ class _Worker:
         self.state, self.error = None, None
         try:
             self.state = setup()
-        except USER_ERRORS as e:
+        except UserError as e:
             self.error = e
 
     def run(self, work: Work, unit: Any) -> dict:
@@ -98,8 +112,10 @@ class _Worker:
             return {_ERROR: self.error}
         try:
             return work(self.state, unit)
-        except USER_ERRORS as e:
+        except UserError as e:
             return {_ERROR: e}
+        except Exception as e:  # noqa: BLE001  fails the same way wherever it runs: recorded
+            return failure(unit, e)
 
 
 class RayExecutor:
@@ -113,6 +129,7 @@ class RayExecutor:
         workers: int | None = None,
         progress: bool = True,
         guard: Callable[[], None] | None = None,
+        attempts: int = 3,
     ) -> None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # stay on loopback
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -141,43 +158,75 @@ class RayExecutor:
             _start_reaper()
         self.address = address
         self.guard = guard
+        self.attempts = attempts
         resources = ray.cluster_resources()
         self.cpus = int(resources.get("CPU", 1))
+        self.node_cpus = max(
+            [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")] or [1]
+        )
         self.gpus = int(resources.get("GPU", 0))
         self.workers = workers or max(1, self.cpus)
         self.progress = progress
 
     def map(
-        self, desc: str, units: list, work: Work, setup: Setup = _no_setup, gpu: bool = False,
-    ) -> Iterator[dict]:  # fmt: skip
+        self,
+        desc: str,
+        units: list,
+        work: Work,
+        setup: Setup = _no_setup,
+        resources: Resources | None = None,
+    ) -> Iterator[dict]:
+        """Results as units finish. A unit whose worker dies (process killed, node lost) goes
+        to a fresh worker, up to ``attempts`` times; one whose work raises is yielded as a
+        failure record and the stage goes on."""
         if not units:
             return
         ray = self.ray
+        resources = resources or Resources()
         n = min(len(units), self.workers)
-        options: dict[str, Any] = {"num_cpus": 1}
-        if gpu and self.gpus:
-            n = min(n, self.gpus)
-            options = {"num_cpus": 1, "num_gpus": 1}
+        options: dict[str, Any] = {"num_cpus": resources.cpus, "max_restarts": 0}
+        if resources.gpus and self.gpus:
+            n = max(1, min(n, int(self.gpus / resources.gpus)))
+            options["num_gpus"] = resources.gpus
         actor_cls = ray.remote(**options)(_Worker)
-        actors = [actor_cls.remote(setup, self.guard) for _ in range(n)]
+
+        def start():
+            return actor_cls.remote(setup, self.guard)
+
+        actors = [start() for _ in range(n)]
         bar = Progress(desc, len(units), self.progress)
-        pending: dict[Any, Any] = {}
-        todo = iter(units)
+        pending: dict[Any, tuple[Any, Any]] = {}  # ref -> (actor, unit)
+        tries: dict[int, int] = {}
+        todo = list(reversed(units))  # pop() from the end: units in order
+
+        def submit(actor) -> None:
+            if todo:
+                unit = todo.pop()
+                pending[actor.run.remote(work, unit)] = (actor, unit)
+
         try:
             for actor in actors:  # two in flight per actor hides the round trip
-                for _ in range(2):
-                    unit = next(todo, None)
-                    if unit is not None:
-                        pending[actor.run.remote(work, unit)] = actor
+                submit(actor)
+                submit(actor)
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
-                actor = pending.pop(done[0])
-                result = _unwrap(ray, done[0])
+                actor, unit = pending.pop(done[0])
+                try:
+                    result = _unwrap(ray, done[0])
+                except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
+                    tries[id(unit)] = tries.get(id(unit), 0) + 1
+                    if actor in actors:  # its other in-flight unit comes back here too
+                        actors[actors.index(actor)] = actor = start()
+                    else:
+                        actor = next(a for a in actors)
+                    if tries[id(unit)] < self.attempts:
+                        todo.append(unit)  # next in line, on a live worker
+                        submit(actor)
+                        continue
+                    result = failure(unit, e, f"worker died {self.attempts} times")
                 bar.update(result)
                 yield result
-                unit = next(todo, None)
-                if unit is not None:
-                    pending[actor.run.remote(work, unit)] = actor
+                submit(actor)
         finally:
             bar.close()
             for actor in actors:

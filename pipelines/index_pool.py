@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curators.base import Resources
 from curators.knn_index import (
     DUP_GROUPS,
     INFO,
@@ -42,8 +43,14 @@ from shards.atomic import atomic_path, atomic_write_bytes
 from shards.images import BadImage, decode
 from shards.reader import CorruptTar, iter_sample_members
 
-from .errors import UserError
+from .errors import PartialFailure, UserError
+from .executor import FAILED
 from .workdir import RunLock
+
+
+class IndexPartsFailed(PartialFailure):
+    """Some pool shards failed to embed; the others are committed and a re-run retries these."""
+
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 RUN_FILE = "index_run.json"  # what this folder's parts are made with
@@ -333,14 +340,22 @@ def build_index(
         todo = [
             (i, str(s)) for i, s in enumerate(shards) if not part_paths(out, i)["metadata"].exists()
         ]
-        for _ in executor.map(
-            "embed",
-            todo,
-            partial(embed_shard, out, batch_size),
-            setup=partial(_make_encoder, plan.model, plan.pretrained, device, batch_size),
-            gpu=True,
-        ):
-            pass  # each part is committed by its unit; results only drive the progress bar
+        failed = [
+            r
+            for r in executor.map(
+                "embed",
+                todo,
+                partial(embed_shard, out, batch_size),
+                setup=partial(_make_encoder, plan.model, plan.pretrained, device, batch_size),
+                resources=Resources(cpus=1.0, gpus=1.0),
+            )
+            if r.get(FAILED)
+        ]  # each part is committed by its unit
+        if failed:
+            raise IndexPartsFailed(
+                f"{len(failed)} pool shard(s) could not be embedded (first: part {failed[0]['unit']}: "
+                f"{failed[0]['error']}); re-run the same command to retry them"
+            )
         parts = [part_paths(out, i) for i in range(len(shards))]
         skipped = sum(pq.read_metadata(p["skipped"]).num_rows for p in parts)
         if sum(pq.read_metadata(p["metadata"]).num_rows for p in parts) == 0:

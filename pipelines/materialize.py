@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,7 +19,7 @@ import pyarrow.parquet as pq
 from shards.atomic import atomic_path
 from shards.images import BadImage, reencode
 from shards.manifest import dumps_canonical
-from shards.reader import read_range
+from shards.sources import SourceError, read_source
 from shards.writer import ShardWriter
 
 from . import __version__
@@ -64,23 +63,7 @@ class SampleContext:
     class_names: dict[int, tuple[str, str]]  # label -> (wnid, name)
     max_side: int
     jpeg_quality: int
-
-
-class FetchError(Exception):
-    pass
-
-
-def fetch_bytes(locator: dict) -> bytes:
-    """The reader: where a candidate's bytes live. One kind for now: a range of a tar."""
-    kind = locator.get("kind")
-    try:
-        if kind == "tar":
-            return read_range(locator["path"], locator["offset"], locator["size"])
-        if kind == "file":
-            return Path(locator["path"]).read_bytes()
-    except OSError as e:
-        raise FetchError(f"{type(e).__name__}: {e}") from None
-    raise FetchError(f"unknown locator kind {kind!r}")
+    work_root: Path  # blob locators are relative to it
 
 
 def sample_metadata(ctx: SampleContext, row: dict, sha256: str, width: int, height: int) -> dict:
@@ -121,10 +104,9 @@ def write_shard(ctx: SampleContext, plan_file: Path, shard_path: Path, rows_path
             base = {k: row.get(k) for k in ROW_SCHEMA.names if k in row}
             base.update(shard=shard_path.name, wnid=wnid, class_name=name, curator=ctx.curator)
             try:
-                img = reencode(
-                    fetch_bytes(json.loads(row["locator"])), ctx.max_side, ctx.jpeg_quality
-                )
-            except (FetchError, BadImage) as e:
+                data = read_source(json.loads(row["locator"]), ctx.work_root)
+                img = reencode(data, ctx.max_side, ctx.jpeg_quality)
+            except (SourceError, BadImage) as e:
                 reason = f"{type(e).__name__}: {e}"[:500]
                 out_rows.append({**base, "status": "skipped", "reason": reason})
                 continue
@@ -151,16 +133,9 @@ def write_shard(ctx: SampleContext, plan_file: Path, shard_path: Path, rows_path
     return {"shard": info.name, "samples": info.samples, "skipped": len(plan) - info.samples}
 
 
-def _work(ctx: SampleContext, shards_dir: Path, rows_dir: Path, _state, plan_file: Path) -> dict:
+def shard_work(
+    ctx: SampleContext, shards_dir: Path, rows_dir: Path, _state, plan_file: Path
+) -> dict:
+    """The materialize unit: one planned shard."""
     name = plan_file.name.removesuffix(".parquet")
     return write_shard(ctx, plan_file, shards_dir / name, rows_dir / f"{name}.parquet")
-
-
-def run_materialize(executor, ctx: SampleContext, work, shards_dir: Path) -> dict:
-    work.shard_rows.mkdir(parents=True, exist_ok=True)
-    plans = sorted(work.plan.glob("*.tar.parquet"))
-    todo = [p for p in plans if not (work.shard_rows / p.name).exists()]
-    results = list(
-        executor.map("materialize", todo, partial(_work, ctx, shards_dir, work.shard_rows))
-    )
-    return {"units": len(plans), "run": len(todo), "samples": sum(r["samples"] for r in results)}

@@ -7,7 +7,9 @@
    kept candidate) and keep up to the target. A class that falls short says why.
 3. Keys are <wnid>_<rank>; a seeded permutation spreads classes across shards.
 
-Only scalar columns of all classes are held at once; embeddings are read one class at a time.
+Candidates come in unit files (a unit may hold many classes), one parquet row group per
+label. Only scalar columns of all units are held at once; a class's rows, embeddings included,
+are read from its row groups when that class is selected.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,23 +32,48 @@ from shards.atomic import commit
 _BLOCK = 256
 
 
+PLAN_UNIT = "plan"  # the select stage's one unit
+
+
 @dataclass(frozen=True)
-class ClassFile:
-    cls: ImageNetClass
+class ClassSlice:
+    """One class's rows in a unit file: a row group, and where it starts in the file."""
+
     path: Path
+    row_group: int
+    start: int
+    rows: int
 
 
-def resolve_claims(files: list[ClassFile]) -> list[np.ndarray]:
-    """Per file, a boolean mask of the rows that win their image's claim."""
+def class_slices(paths: list[Path]) -> dict[int, list[ClassSlice]]:
+    """label -> its row groups across unit files, from the files' own statistics."""
+    out: dict[int, list[ClassSlice]] = {}
+    for path in paths:
+        meta = pq.ParquetFile(path).metadata
+        col = meta.schema.names.index("label")
+        start = 0
+        for rg in range(meta.num_row_groups):
+            group = meta.row_group(rg)
+            if group.num_rows:
+                stats = group.column(col).statistics
+                out.setdefault(int(stats.min), []).append(
+                    ClassSlice(path, rg, start, group.num_rows)
+                )
+            start += group.num_rows
+    return out
+
+
+def resolve_claims(paths: list[Path]) -> dict[Path, np.ndarray]:
+    """Per unit file, a boolean mask of the rows that win their image's claim."""
     labels, scores, keys, sizes = [], [], [], []
-    for f in files:
-        t = pq.ParquetFile(f.path).read(columns=["source_id", "sha256", "duplicate_group", "score"])
+    for path in paths:
+        t = pq.ParquetFile(path).read(columns=["label", "source_id", "sha256", "duplicate_group", "score"])  # fmt: skip
         keys.append(pc.coalesce(t["duplicate_group"], t["sha256"], t["source_id"]))
         scores.append(t["score"].to_numpy())
-        labels.append(np.full(t.num_rows, f.cls.index, np.int32))
+        labels.append(t["label"].to_numpy())
         sizes.append(t.num_rows)
     if not sizes or sum(sizes) == 0:
-        return [np.zeros(n, bool) for n in sizes]
+        return {p: np.zeros(n, bool) for p, n in zip(paths, sizes, strict=True)}
     codes = pa.chunked_array([c for k in keys for c in k.chunks], pa.string()).combine_chunks()
     codes = pc.dictionary_encode(codes).indices.to_numpy()
     score = np.concatenate(scores)
@@ -58,7 +84,7 @@ def resolve_claims(files: list[ClassFile]) -> list[np.ndarray]:
     first[1:] = codes[order[1:]] != codes[order[:-1]]
     win = np.zeros(order.size, bool)
     win[order[first]] = True
-    return np.split(win, np.cumsum(sizes)[:-1])
+    return dict(zip(paths, np.split(win, np.cumsum(sizes)[:-1]), strict=True))
 
 
 def greedy_dedupe(emb: np.ndarray, target: int, threshold: float) -> np.ndarray:
@@ -89,11 +115,32 @@ def greedy_dedupe(emb: np.ndarray, target: int, threshold: float) -> np.ndarray:
     return np.concatenate(kept) if kept else np.zeros(0, np.int64)
 
 
+def _read_class(slices: list[ClassSlice]) -> tuple[pa.Table, str]:
+    tables, model = [], "{}"
+    for sl in slices:
+        f = pq.ParquetFile(sl.path)
+        model = (f.schema_arrow.metadata or {}).get(b"model", b"{}").decode()
+        tables.append(f.read_row_group(sl.row_group).replace_schema_metadata(None))
+    if not tables:
+        from .candidates import candidate_schema
+
+        return candidate_schema().empty_table(), model
+    return pa.concat_tables(tables), model
+
+
 def select_class(
-    f: ClassFile, win: np.ndarray, target: int, threshold: float
+    cls: ImageNetClass,
+    slices: list[ClassSlice],
+    wins: dict[Path, np.ndarray],
+    target: int,
+    threshold: float,
 ) -> tuple[pa.Table, dict]:
-    table = pq.ParquetFile(f.path).read()
-    model = (table.schema.metadata or {}).get(b"model", b"{}").decode()
+    table, model = _read_class(slices)
+    win = (
+        np.concatenate([wins[sl.path][sl.start : sl.start + sl.rows] for sl in slices])
+        if slices
+        else np.zeros(0, bool)
+    )
     total = table.num_rows
     rows = np.flatnonzero(win)
     # Score order, ties by source id, so the choice never depends on file order.
@@ -103,7 +150,8 @@ def select_class(
     ]
     col = table["embedding"].combine_chunks()
     if col.null_count == 0 and total:
-        emb = col.flatten().to_numpy().reshape(total, -1)[rows]
+        emb = col.flatten().to_numpy().reshape(total, -1)[rows].astype(np.float32)
+        emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)  # stored as fp16
         keep = greedy_dedupe(emb, target, threshold)
     else:
         keep = np.arange(min(target, rows.size))
@@ -112,13 +160,15 @@ def select_class(
     table = table.drop_columns(["embedding"]).take(pa.array(rows[keep]))
     table = table.replace_schema_metadata(None)
     n = table.num_rows
-    table = table.append_column("label", pa.array(np.full(n, f.cls.index, np.int32)))
+    table = table.set_column(
+        table.schema.get_field_index("label"), "label", pa.array(np.full(n, cls.index, np.int32))
+    )
     table = table.append_column("rank", pa.array(np.arange(n, dtype=np.int32)))
     table = table.append_column("model", pa.array([model] * n, pa.string()))
     stats = {
-        "label": f.cls.index,
-        "wnid": f.cls.wnid,
-        "name": f.cls.name,
+        "label": cls.index,
+        "wnid": cls.wnid,
+        "name": cls.name,
         "target": target,
         "candidates": total,
         "claimed_elsewhere_or_duplicate": total - int(win.sum()),
@@ -138,15 +188,20 @@ def shortfall_reason(s: dict) -> str:
 
 
 def select_all(
-    files: list[ClassFile], target: int, threshold: float
+    classes: list[ImageNetClass],
+    paths: list[Path],
+    target: int,
+    threshold: float,
+    threads: int | None = None,
 ) -> tuple[pa.Table, list[dict]]:
     from threadpoolctl import threadpool_limits
 
-    wins = resolve_claims(files)
-    # Classes are independent once claims are settled: one thread per core, each with a
-    # single-threaded BLAS (nested BLAS threads would oversubscribe the cores).
-    with threadpool_limits(1, "blas"), ThreadPoolExecutor(os.cpu_count()) as pool:
-        done = list(pool.map(lambda fw: select_class(*fw, target, threshold), zip(files, wins, strict=True)))  # fmt: skip
+    wins = resolve_claims(paths)
+    slices = class_slices(paths)
+    # Classes are independent once claims are settled: one thread per reserved core, each
+    # with a single-threaded BLAS (nested BLAS threads would oversubscribe the cores).
+    with threadpool_limits(1, "blas"), ThreadPoolExecutor(threads or os.cpu_count()) as pool:
+        done = list(pool.map(lambda c: select_class(c, slices.get(c.index, []), wins, target, threshold), classes))  # fmt: skip
     tables = [t for t, _ in done]
     stats = [s for _, s in done]
     return pa.concat_tables(tables) if tables else pa.table({}), stats
@@ -169,13 +224,16 @@ def shard_name(shift: str, i: int) -> str:
     return f"{shift}-{i:06d}.tar"
 
 
-def write_plan(config, classes: list[ImageNetClass], work, _state=None, _unit=None) -> dict:
+def write_plan(
+    config, classes: list[ImageNetClass], units, work, threads: int | None = None,
+    _state=None, _unit=None,
+) -> dict:  # fmt: skip
     """The select unit: writes _work/plan/ (a parquet per shard, stats.json) as a whole."""
     from .candidates import candidates_path
 
-    files = [ClassFile(c, candidates_path(work.candidates, c)) for c in classes]
+    paths = [candidates_path(work.candidates, u) for u in units]
     selected, stats = select_all(
-        files, config.target_per_class, config.select.near_duplicate_cosine
+        classes, paths, config.target_per_class, config.select.near_duplicate_cosine, threads
     )
     shards = plan_shards(
         selected, {c.index: c.wnid for c in classes}, config.shards.samples_per_shard, config.seed
@@ -188,10 +246,3 @@ def write_plan(config, classes: list[ImageNetClass], work, _state=None, _unit=No
     (tmp / "stats.json").write_text(json.dumps({"classes": stats}, indent=2, sort_keys=True))
     commit(tmp, work.plan)  # the plan folder appears whole or not at all
     return {"samples": selected.num_rows, "shards": len(shards)}
-
-
-def run_select(executor, config, classes: list[ImageNetClass], work) -> dict:
-    if work.plan.exists():
-        return {"units": 1, "run": 0}
-    (result,) = executor.map("select", [0], partial(write_plan, config, classes, work))
-    return {"units": 1, "run": 1, **result}

@@ -158,27 +158,3 @@ def lock_holder(shift_dir: Path) -> str | None:
             return f.read(200).decode(errors="replace").strip() or "another process"
         fcntl.flock(f, fcntl.LOCK_UN)
         return None
-
-
-def progress_report(shift_dir: Path) -> list[str]:
-    """Committed units per stage: what a re-run of the same command would still do."""
-    work = WorkDir(shift_dir)
-    if not work.run_file.exists():
-        raise UserError(f"no run has started in {shift_dir}")
-    run = json.loads(work.run_file.read_text())
-    config = run["config"]
-    classes = config["classes"]
-    n_classes = len(classes["wnids"]) if classes.get("wnids") else classes.get("first") or 1000
-    n_cands = len(list(work.candidates.glob("*.parquet"))) if work.candidates.exists() else 0
-    planned = len(list(work.plan.glob("*.tar.parquet"))) if work.plan.exists() else None
-    written = len(list(work.shard_rows.glob("*.tar.parquet"))) if work.shard_rows.exists() else 0
-    finished = (shift_dir / "manifest.json").exists() and planned is not None and written == planned
-    holder = lock_holder(shift_dir)
-    return [
-        f"shift: {config['shift']} (config {run['config_hash']})",
-        f"candidates: {n_cands}/{n_classes} classes",
-        f"select: {'done, ' + str(planned) + ' shards planned' if planned is not None else 'not yet'}",
-        f"materialize: {written}/{planned if planned is not None else '?'} shards",
-        f"finalize: {'done' if finished else 'not yet'}",
-        f"run: {'active, ' + holder if holder else 'none active' + ('' if finished else '; re-run the same command to resume')}",
-    ]

@@ -55,17 +55,21 @@ class ShardWriter:
         self._hash.update(data)
         self._size += len(data)
 
-    def write(self, key: str, files: dict[str, bytes]) -> None:
+    def write(self, key: str, files: dict[str, bytes]) -> dict[str, tuple[int, int]]:
+        """Append one sample; returns each member's (data offset, size) in the tar."""
         if "." in key or "/" in key:
             raise ValueError(f"sample key may not contain '.' or '/': {key!r}")
+        where = {}
         for ext in sorted(files):
             data = files[ext]
             self._emit(_member_header(f"{key}.{ext}", len(data)))
+            where[ext] = (self._size, len(data))
             self._emit(data)
             pad = -len(data) % _BLOCK
             if pad:
                 self._emit(b"\0" * pad)
         self.samples += 1
+        return where
 
     def close(self) -> ShardInfo:
         """Finish the tar (end blocks, record padding) and rename it into place."""

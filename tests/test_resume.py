@@ -132,10 +132,16 @@ def test_a_second_concurrent_run_is_refused(demo_world, tmp_path):
         assert len(proc.stderr.strip().splitlines()) == 1
         # Refused before touching anything: the output holds only the lock.
         assert [p.name for p in shift.iterdir()] == [".lock"]
+        from pipelines.config import load_config
+
+        three = "classes.wnids=[n01443537,n01614925,n02007558]"
+        config = load_config(DEMO_CONFIG, [three], check_resources=False)
         (shift / "_work").mkdir()
-        (shift / "_work" / "run.json").write_text('{"config_hash": "x", "config": {"shift": "demo-knn-img", "classes": {"first": 3}}}')  # fmt: skip
+        record = {"config_hash": "x", "config": config.to_dict()}
+        (shift / "_work" / "run.json").write_text(json.dumps(record))
         status = run_cli("status", str(shift), check=True).stdout
-    assert "run: active, pid 12345 on testhost" in status and "candidates: 0/3 classes" in status
+    assert "run: active, pid 12345 on testhost" in status and "candidates: 0/3 units" in status
+    assert "materialize: 0/? units" in status
 
 
 def test_resuming_with_another_config_is_refused(clean_run):

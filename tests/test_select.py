@@ -6,7 +6,7 @@ import numpy as np
 
 from curators import Candidate, label_set
 from pipelines.candidates import write_candidates
-from pipelines.select import ClassFile, greedy_dedupe, plan_shards, select_all
+from pipelines.select import greedy_dedupe, plan_shards, select_all
 
 MODEL = {"name": "m", "weights": "w"}
 
@@ -17,17 +17,26 @@ def unit(v):
 
 
 def cand(source_id, score, emb, sha=None):
-    return Candidate(source_id=source_id, score=score, query_kind="image", query_value="q",
-                     source_dataset="pool", sha256=sha or f"sha-{source_id}", embedding=unit(emb))  # fmt: skip
+    return Candidate(label=-1, source_id=source_id, score=score, query_kind="image",
+                     query_value="q", source_dataset="pool", sha256=sha or f"sha-{source_id}",
+                     embedding=unit(emb))  # fmt: skip
 
 
-def class_files(tmp_path, per_class):
-    files = []
-    for index, cands in per_class.items():
-        path = tmp_path / f"{index:04d}.parquet"
+def class_files(tmp_path, per_class, per_unit=1):
+    """Candidate unit files holding ``per_unit`` classes each, as a scanning curator writes."""
+    labels = sorted(per_class)
+    paths = []
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    for u in range(0, len(labels), per_unit):
+        cands = []
+        for index in labels[u : u + per_unit]:
+            for c in per_class[index]:
+                c.label = index
+                cands.append(c)
+        path = tmp_path / f"unit-{u:04d}.parquet"
         write_candidates(path, cands, MODEL)
-        files.append(ClassFile(label_set()[index], path))
-    return files
+        paths.append(path)
+    return [label_set()[i] for i in labels], paths
 
 
 def test_item_claimed_by_two_classes_goes_where_it_scores_best(tmp_path):
@@ -35,7 +44,7 @@ def test_item_claimed_by_two_classes_goes_where_it_scores_best(tmp_path):
         0: [cand("a", 0.9, [1, 0, 0]), cand("shared", 0.5, [0, 1, 0])],
         1: [cand("b", 0.8, [0, 0, 1]), cand("shared", 0.7, [0, 1, 0])],
     })  # fmt: skip
-    table, stats = select_all(files, target=5, threshold=0.99)
+    table, stats = select_all(*files, target=5, threshold=0.99)
     rows = table.to_pylist()
     assert {(r["label"], r["source_id"]) for r in rows} == {(0, "a"), (1, "b"), (1, "shared")}
     assert stats[0]["claimed_elsewhere_or_duplicate"] == 1 and stats[0]["selected"] == 1
@@ -45,7 +54,7 @@ def test_near_duplicate_group_is_claimed_once_across_classes(tmp_path):
     a, b = cand("x", 0.6, [1, 0]), cand("y", 0.9, [1, 0.02])  # other bytes, same picture
     a.duplicate_group = b.duplicate_group = "pool:7"
     files = class_files(tmp_path, {0: [a, cand("z", 0.5, [0, 1])], 1: [b]})
-    table, stats = select_all(files, target=5, threshold=1.0)
+    table, stats = select_all(*files, target=5, threshold=1.0)
     assert {(r["label"], r["source_id"]) for r in table.to_pylist()} == {(0, "z"), (1, "y")}
 
 
@@ -53,7 +62,7 @@ def test_exact_duplicates_by_sha256_count_once(tmp_path):
     files = class_files(tmp_path, {
         0: [cand("x", 0.9, [1, 0], sha="same"), cand("y", 0.8, [0, 1], sha="same"), cand("z", 0.7, [1, 1])],
     })  # fmt: skip
-    table, _ = select_all(files, target=5, threshold=1.0)
+    table, _ = select_all(*files, target=5, threshold=1.0)
     assert table["source_id"].to_pylist() == ["x", "z"]
 
 
@@ -62,7 +71,7 @@ def test_near_duplicates_dropped_and_target_filled_from_below(tmp_path):
         0: [cand("a", 0.9, [1, 0, 0]), cand("a2", 0.85, [1, 0.01, 0]), cand("b", 0.8, [0, 1, 0]),
             cand("c", 0.7, [0, 0, 1]), cand("d", 0.6, [1, 1, 1])],
     })  # fmt: skip
-    table, stats = select_all(files, target=3, threshold=0.99)
+    table, stats = select_all(*files, target=3, threshold=0.99)
     assert table["source_id"].to_pylist() == ["a", "b", "c"]
     assert table["rank"].to_pylist() == [0, 1, 2]
     assert {json.loads(m)["name"] for m in table["model"].to_pylist()} == {"m"}
@@ -71,7 +80,7 @@ def test_near_duplicates_dropped_and_target_filled_from_below(tmp_path):
 
 def test_shortfall_is_reported(tmp_path):
     files = class_files(tmp_path, {0: [cand("a", 0.9, [1, 0])], 1: []})
-    table, stats = select_all(files, target=4, threshold=0.95)
+    table, stats = select_all(*files, target=4, threshold=0.95)
     assert [s["selected"] for s in stats] == [1, 0]
     assert stats[1]["candidates"] == 0
 
@@ -92,7 +101,7 @@ def test_greedy_dedupe_matches_a_plain_loop():
 
 def test_plan_is_seeded_and_cut_into_fixed_shards(tmp_path):
     files = class_files(tmp_path, {i: [cand(f"{i}-{j}", 1 - j / 100, [i, j, 1]) for j in range(7)] for i in range(3)})  # fmt: skip
-    table, _ = select_all(files, target=7, threshold=1.0)
+    table, _ = select_all(*files, target=7, threshold=1.0)
     wnids = {c.index: c.wnid for c in label_set()[:3]}
     a = plan_shards(table, wnids, 5, seed=1)
     b = plan_shards(table, wnids, 5, seed=1)
@@ -102,3 +111,19 @@ def test_plan_is_seeded_and_cut_into_fixed_shards(tmp_path):
     assert [t["key"].to_pylist() for t in a] != [t["key"].to_pylist() for t in c]
     keys = [k for t in a for k in t["key"].to_pylist()]
     assert sorted(keys) == sorted(f"{wnids[i]}_{r:05d}" for i in range(3) for r in range(7))
+
+
+def test_units_holding_many_classes_select_like_one_file_per_class(tmp_path):
+    def candidates():
+        rng = np.random.default_rng(3)
+        return {
+            i: [cand(f"{i}-{j}", float(rng.random()), rng.normal(size=4)) for j in range(9)]
+            + [cand("shared", 0.5 + i / 10, [1, 2, 3, 4])]
+            for i in range(5)
+        }
+
+    one = select_all(*class_files(tmp_path / "one", candidates(), per_unit=1), 6, 0.99)
+    many = select_all(*class_files(tmp_path / "many", candidates(), per_unit=3), 6, 0.99)
+    assert one[0].to_pylist() == many[0].to_pylist() and one[1] == many[1]
+    assert one[0].num_rows == 5 * 6
+    assert [r["label"] for r in one[0].to_pylist() if r["source_id"] == "shared"] == [4]

@@ -1,0 +1,160 @@
+"""The stages of a curation run, as data: one list that `curate`, `status` and resume all walk.
+
+A stage names its units (all of them, committed or not), how to tell a committed one, the
+per-worker setup, the unit's work and the resources a worker needs. The runner executes the
+units not yet committed; a unit that fails is recorded in _work/failed/<stage>.json and the
+stage's other units still run, but the next stage does not start.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from curators import ImageNetClass, create_curator
+from curators.base import Resources, Unit
+from shards.atomic import atomic_write_bytes
+from shards.manifest import SHARDS_DIR
+
+from .candidates import candidates_path, unit_work
+from .config import ShiftConfig
+from .errors import PartialFailure
+from .executor import FAILED
+from .materialize import SampleContext, shard_work
+from .select import PLAN_UNIT, write_plan
+from .workdir import WorkDir
+
+
+@dataclass
+class Run:
+    """Everything a stage needs to know about the run it belongs to."""
+
+    config: ShiftConfig
+    classes: list[ImageNetClass]
+    work: WorkDir
+    units: list[Unit]  # the curator's cut of the candidates stage
+    node_cpus: int = 1  # CPUs of the largest node the executor runs on
+
+    @property
+    def shift_dir(self) -> Path:
+        return self.work.shift_dir
+
+    def sample_context(self) -> SampleContext:
+        c = self.config
+        return SampleContext(
+            shift=c.shift, curator=c.curator.name, config_hash=c.content_hash(),
+            class_names={k.index: (k.wnid, k.name) for k in self.classes},
+            max_side=c.image.max_side, jpeg_quality=c.image.jpeg_quality,
+            work_root=self.work.root,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    units: Callable[[Run], list | None]  # None: not known until an earlier stage has run
+    done: Callable[[Run, Any], bool]
+    work: Callable[[Run], Callable[[Any, Any], dict]]
+    setup: Callable[[Run], Callable[[], Any] | None] = lambda run: None
+    resources: Callable[[Run], Resources] = lambda run: Resources()
+
+
+def _curator_setup(run: Run):
+    return partial(create_curator, run.config.curator.name, run.config.curator.params)
+
+
+def _curator_resources(run: Run) -> Resources:
+    return create_curator(run.config.curator.name, run.config.curator.params).resources
+
+
+def _plans(run: Run) -> list[Path] | None:
+    return sorted(run.work.plan.glob("*.tar.parquet")) if run.work.plan.exists() else None
+
+
+STAGES: list[Stage] = [
+    Stage(
+        "candidates",
+        units=lambda run: run.units,
+        done=lambda run, u: candidates_path(run.work.candidates, u).exists(),
+        work=lambda run: partial(unit_work, run.work.candidates, run.work.root),
+        setup=_curator_setup,
+        resources=_curator_resources,
+    ),
+    Stage(
+        "select",
+        units=lambda run: [PLAN_UNIT],
+        done=lambda run, _: run.work.plan.exists(),
+        # One unit that uses every core of a node: as many threads as it reserved.
+        work=lambda run: partial(
+            write_plan, run.config, run.classes, run.units, run.work, run.node_cpus
+        ),
+        resources=lambda run: Resources(cpus=float(run.node_cpus)),
+    ),
+    Stage(
+        "materialize",
+        units=_plans,
+        done=lambda run, plan: (run.work.shard_rows / plan.name).exists(),
+        work=lambda run: partial(
+            shard_work, run.sample_context(), run.shift_dir / SHARDS_DIR, run.work.shard_rows
+        ),
+    ),
+]
+
+
+class UnitsFailed(PartialFailure):
+    """Some units of a stage did not finish; the run stops before the next stage."""
+
+    def __init__(self, stage: str, failures: list[dict], path: Path) -> None:
+        self.stage, self.failures, self.path = stage, failures, path
+        first = failures[0]
+        super().__init__(
+            f"{len(failures)} unit(s) of stage {stage} failed (first: {first['unit']}: "
+            f"{first['error']}); see {path}; re-run the same command to retry them"
+        )
+
+
+def failed_path(work: WorkDir, stage: str) -> Path:
+    return work.root / "failed" / f"{stage}.json"
+
+
+def run_stage(executor, stage: Stage, run: Run) -> dict:
+    """Run a stage's uncommitted units; raise UnitsFailed (after all have run) if any failed."""
+    units = stage.units(run) or []
+    todo = [u for u in units if not stage.done(run, u)]
+    results = list(
+        executor.map(
+            stage.name, todo, stage.work(run), setup=stage.setup(run) or _none,
+            resources=stage.resources(run),
+        )
+    )  # fmt: skip
+    failures = [r for r in results if r.get(FAILED)]
+    path = failed_path(run.work, stage.name)
+    if failures:
+        atomic_write_bytes(path, json.dumps(failures, indent=2).encode())
+        raise UnitsFailed(stage.name, failures, path)
+    path.unlink(missing_ok=True)
+    return {
+        "units": len(units),
+        "run": len(todo),
+        "samples": sum(int(r.get("samples", 0)) for r in results),
+    }
+
+
+def _none() -> None:
+    return None
+
+
+def stage_progress(run: Run) -> list[tuple[str, int, int | None, int]]:
+    """(stage, committed units, all units or None when not yet known, failed) per stage."""
+    out = []
+    for stage in STAGES:
+        units = stage.units(run)
+        done = sum(stage.done(run, u) for u in units) if units is not None else 0
+        path = failed_path(run.work, stage.name)
+        failed = len(json.loads(path.read_text())) if path.exists() else 0
+        out.append((stage.name, done, None if units is None else len(units), failed))
+    return out
