@@ -81,6 +81,12 @@ def candidate_table(cands: list[Candidate], model: dict) -> pa.Table:
     )  # fmt: skip
 
 
+def footer_count(path: Path, key: bytes) -> int:
+    """A count the candidates file's writer put in its footer (no rows read)."""
+    meta = pq.ParquetFile(path).schema_arrow.metadata or {}
+    return int(meta.get(key, b"0"))
+
+
 def write_candidate_table(path: Path, table: pa.Table) -> None:
     """Commit a candidates table sorted by label, one row group per label."""
     labels = table["label"].to_numpy() if table.num_rows else np.zeros(0, np.int64)

@@ -51,6 +51,16 @@ class SelectConfig:
 
 
 @dataclass
+class EmbedConfig:
+    # The shift's CLIP model, for candidates a curator returns without an embedding
+    # (generated, scanned, fetched): near-duplicate removal and the shift's embeddings need it.
+    model: str | None = None
+    pretrained: str | None = None
+    batch_size: int = 64
+    device: str = "auto"
+
+
+@dataclass
 class ShardsConfig:
     samples_per_shard: int = 1000
 
@@ -79,6 +89,7 @@ class ShiftConfig:
     classes: ClassesConfig = field(default_factory=ClassesConfig)
     target_per_class: int = 1300
     select: SelectConfig = field(default_factory=SelectConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -102,6 +113,7 @@ CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "classes.first": (lambda v: 1 <= v <= 1000, "must lie in 1..1000"),
     "select.near_duplicate_cosine": (lambda v: 0.0 < v <= 1.0, "must lie in (0, 1]"),
     "shards.samples_per_shard": (lambda v: v >= 1, "must be at least 1"),
+    "embed.batch_size": (lambda v: v >= 1, "must be at least 1"),
     "image.max_side": (lambda v: v >= 16, "must be at least 16"),
     "image.jpeg_quality": (lambda v: 1 <= v <= 100, "must lie in 1..100"),
     "run.workers": (lambda v: v is None or v >= 1, "must be at least 1"),

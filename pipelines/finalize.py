@@ -9,13 +9,14 @@ import socket
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from shards.atomic import atomic_path, atomic_write_bytes
 from shards.card import dataset_card
-from shards.manifest import FORMAT, INDEX, MANIFEST, read_manifest, write_json
+from shards.manifest import EMBEDDINGS, FORMAT, INDEX, MANIFEST, read_manifest, write_json
 
 from . import __version__
 from .materialize import ROW_SCHEMA
@@ -47,6 +48,8 @@ def finalize(shift_dir: Path, work, config, classes, run_facts: dict) -> dict:
         tables.append(t)
     rows = pa.concat_tables(tables) if tables else ROW_SCHEMA.empty_table()
     ok = rows.filter(pc.equal(rows["status"], "ok")).drop_columns(["status", "reason"])
+    embeddings = write_embeddings(shift_dir, ok["embedding"])
+    ok = ok.drop_columns(["embedding"])
     skipped = rows.filter(pc.equal(rows["status"], "skipped"))
     with atomic_path(shift_dir / INDEX) as tmp:
         pq.write_table(ok, tmp)
@@ -76,6 +79,8 @@ def finalize(shift_dir: Path, work, config, classes, run_facts: dict) -> dict:
         "format": FORMAT,
         "shift": config.shift,
         "curator": config.curator.name,
+        "curator_facts": curator_facts(config, ok),
+        "acquire": acquire_summary(work.acquired),
         "version": __version__,
         "config": config.to_dict(),
         "config_hash": config.content_hash(),
@@ -87,12 +92,56 @@ def finalize(shift_dir: Path, work, config, classes, run_facts: dict) -> dict:
         "per_class": per_class,
         "shortfalls": shortfalls,
         "skipped": {"count": skipped.num_rows, "by_reason": _reason_counts(skipped)},
+        "embeddings": embeddings,
         "run": {**run_facts, "host": socket.gethostname(), "python": platform.python_version()},
         "run_history": history,
     }
     write_json(shift_dir / MANIFEST, manifest)
     atomic_write_bytes(shift_dir / "README.md", dataset_card(manifest).encode())
     return manifest
+
+
+def write_embeddings(shift_dir: Path, column: pa.ChunkedArray) -> dict | None:
+    """embeddings.npy: fp16 (samples, dim), row i the embedding of index.parquet's row i.
+    None (and no file) when some sample has none (a curator without embeddings and no
+    embed.model)."""
+    column = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
+    if len(column) == 0 or column.null_count:
+        (shift_dir / EMBEDDINGS).unlink(missing_ok=True)
+        return None
+    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float16)
+    matrix = values.reshape(len(column), -1)
+    with atomic_path(shift_dir / EMBEDDINGS) as tmp, open(tmp, "wb") as f:
+        np.save(f, matrix)
+    return {
+        "file": EMBEDDINGS,
+        "rows": int(matrix.shape[0]),
+        "dim": int(matrix.shape[1]),
+        "dtype": "float16",
+    }
+
+
+def curator_facts(config, ok: pa.Table) -> dict:
+    """What the curator says of its samples: the licence that holds for all of them (or
+    none: per sample) and the model that scored or made them."""
+    from curators import create_curator
+
+    curator = create_curator(config.curator.name, config.curator.params)  # cheap: loads nothing
+    model = json.loads(ok["model"][0].as_py()) if ok.num_rows else None
+    return {"license": getattr(curator, "license", None), "model": model}
+
+
+def acquire_summary(folder: Path) -> dict | None:
+    """URLs asked, fetched and failed (by error kind) over every acquire round."""
+    files = sorted(folder.glob("*.parquet")) if folder.exists() else []
+    if not files:
+        return None
+    t = pa.concat_tables([pq.read_table(f) for f in files])
+    failed = t.filter(pc.not_equal(t["status"], "ok"))
+    rounds = len({f.stem.split("-")[0] for f in files})
+    kinds = Counter(e.split(":", 1)[0] for e in failed["error"].to_pylist())
+    return {"urls": t.num_rows, "fetched": t.num_rows - failed.num_rows,
+            "failed": failed.num_rows, "rounds": rounds, "failed_by_error": dict(kinds.most_common())}  # fmt: skip
 
 
 def _reason_counts(skipped: pa.Table) -> dict[str, int]:

@@ -47,6 +47,7 @@ ROW_SCHEMA = pa.schema(
         ("sha256", pa.string()),
         ("width", pa.int32()),
         ("height", pa.int32()),
+        ("embedding", pa.list_(pa.float16())),  # the shift model's, for report and checks
         ("status", pa.string()),  # ok | skipped
         ("reason", pa.string()),
     ]

@@ -157,7 +157,7 @@ def select_class(
         keep = np.arange(min(target, rows.size))
     # Rows looked at: up to the last kept one when the target was met, else all of them.
     considered = int(keep[-1]) + 1 if keep.size == target else rows.size
-    table = table.drop_columns(["embedding"]).take(pa.array(rows[keep]))
+    table = table.take(pa.array(rows[keep]))
     table = table.replace_schema_metadata(None)
     n = table.num_rows
     table = table.set_column(
@@ -229,9 +229,9 @@ def write_plan(
     _state=None, _unit=None,
 ) -> dict:  # fmt: skip
     """The select unit: writes _work/plan/ (a parquet per shard, stats.json) as a whole."""
-    from .candidates import candidates_path
+    from .embed import unit_source
 
-    paths = [candidates_path(work.candidates, u) for u in units]
+    paths = [unit_source(work, u) for u in units]
     selected, stats = select_all(
         classes, paths, config.target_per_class, config.select.near_duplicate_cosine, threads
     )

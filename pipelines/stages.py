@@ -17,11 +17,14 @@ from typing import Any
 
 from curators import ImageNetClass, create_curator
 from curators.base import Resources, Unit
+from curators.clip_models import ClipEncoder
 from shards.atomic import atomic_write_bytes
 from shards.manifest import SHARDS_DIR
 
-from .candidates import candidates_path, unit_work
+from .acquire import Chunk, fetch_chunk, plan_rounds, status_path, url_candidates
+from .candidates import candidates_path, footer_count, unit_work
 from .config import ShiftConfig
+from .embed import embed_work, embedded_path, needs_localizing
 from .errors import PartialFailure
 from .executor import FAILED
 from .materialize import SampleContext, shard_work
@@ -71,6 +74,41 @@ def _curator_resources(run: Run) -> Resources:
     return create_curator(run.config.curator.name, run.config.curator.params).resources
 
 
+def _candidate_files(run: Run) -> list[Path] | None:
+    paths = [candidates_path(run.work.candidates, u) for u in run.units]
+    return paths if all(p.exists() for p in paths) else None  # None: candidates not all in
+
+
+def _acquire_units(run: Run) -> list[Chunk] | None:
+    """The chunks of every round planned so far (a round is planned once the one before it
+    is committed): the runner asks again until no new chunk appears."""
+    paths = _candidate_files(run)
+    if paths is None:
+        return None
+    with_urls = [p for p in paths if footer_count(p, b"url_candidates")]
+    if not with_urls:
+        return []
+    ranked = url_candidates(with_urls)
+    target = run.config.target_per_class
+    return [c for r in plan_rounds(ranked, target, run.work.acquired) for c in r]
+
+
+def _embed_units(run: Run) -> list[Unit] | None:
+    paths = _candidate_files(run)
+    acquire = _acquire_units(run)
+    if paths is None or acquire is None or not all(status_path(run.work.acquired, c.id).exists() for c in acquire):  # fmt: skip
+        return None
+    model = run.config.embed.model
+    return [u for u, p in zip(run.units, paths, strict=True) if needs_localizing(p, model)]
+
+
+def _embed_setup(run: Run):
+    e = run.config.embed
+    if not e.model:
+        return None
+    return partial(ClipEncoder, e.model, e.pretrained, e.device, e.batch_size)
+
+
 def _plans(run: Run) -> list[Path] | None:
     return sorted(run.work.plan.glob("*.tar.parquet")) if run.work.plan.exists() else None
 
@@ -83,6 +121,20 @@ STAGES: list[Stage] = [
         work=lambda run: partial(unit_work, run.work.candidates, run.work.root),
         setup=_curator_setup,
         resources=_curator_resources,
+    ),
+    Stage(
+        "acquire",
+        units=_acquire_units,
+        done=lambda run, c: status_path(run.work.acquired, c.id).exists(),
+        work=lambda run: partial(fetch_chunk, run.work.acquired, run.work.root, FETCH_THREADS),
+    ),
+    Stage(
+        "embed",
+        units=_embed_units,
+        done=lambda run, u: embedded_path(run.work.embedded, u).exists(),
+        work=lambda run: partial(embed_work, run.work, run.work.acquired),
+        setup=_embed_setup,
+        resources=lambda run: Resources(cpus=1.0, gpus=1.0 if run.config.embed.model else 0.0),
     ),
     Stage(
         "select",
@@ -123,14 +175,23 @@ def failed_path(work: WorkDir, stage: str) -> Path:
 
 def run_stage(executor, stage: Stage, run: Run) -> dict:
     """Run a stage's uncommitted units; raise UnitsFailed (after all have run) if any failed."""
-    units = stage.units(run) or []
-    todo = [u for u in units if not stage.done(run, u)]
-    results = list(
-        executor.map(
-            stage.name, todo, stage.work(run), setup=stage.setup(run) or _none,
-            resources=stage.resources(run),
-        )
-    )  # fmt: skip
+    results: list[dict] = []
+    ran = 0
+    while True:  # one pass, or one per round for a stage whose units come in rounds
+        units = stage.units(run) or []
+        todo = [u for u in units if not stage.done(run, u)]
+        if not todo:
+            break
+        done = list(
+            executor.map(
+                stage.name, todo, stage.work(run), setup=stage.setup(run) or _none,
+                resources=stage.resources(run),
+            )
+        )  # fmt: skip
+        results += done
+        ran += len(todo)
+        if any(r.get(FAILED) for r in done):
+            break
     failures = [r for r in results if r.get(FAILED)]
     path = failed_path(run.work, stage.name)
     if failures:
@@ -139,9 +200,12 @@ def run_stage(executor, stage: Stage, run: Run) -> dict:
     path.unlink(missing_ok=True)
     return {
         "units": len(units),
-        "run": len(todo),
+        "run": ran,
         "samples": sum(int(r.get("samples", 0)) for r in results),
     }
+
+
+FETCH_THREADS = 16  # in flight per acquire unit: the network, not the CPU, sets the pace
 
 
 def _none() -> None:

@@ -76,6 +76,8 @@ class WorkDir:
         self.shift_dir = shift_dir
         self.root = shift_dir / "_work"
         self.candidates = self.root / "candidates"
+        self.acquired = self.root / "acquire"
+        self.embedded = self.root / "embedded"
         self.plan = self.root / "plan"
         self.shard_rows = self.root / "shard_rows"
         self.select_stats = self.root / "select_stats.json"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 def _size_category(n: int) -> str:
     for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):  # fmt: skip
@@ -10,12 +12,32 @@ def _size_category(n: int) -> str:
     return "1M<n<10M"
 
 
+def _license_id(manifest: dict) -> str:
+    """The curator's licence when it is a plain identifier (cc0-1.0, cc-by-4.0), else 'other'."""
+    text = ((manifest.get("curator_facts") or {}).get("license") or "").strip().lower()
+    return text if re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", text) else "other"
+
+
+def _licence_line(manifest: dict) -> str:
+    licence = (manifest.get("curator_facts") or {}).get("license")
+    if licence:
+        return f"Licence of every sample, as the curator states it: {licence}."
+    return "Licences are those of the sources, per sample in `license` where the source states one."
+
+
+def _model_line(manifest: dict) -> str:
+    model = (manifest.get("curator_facts") or {}).get("model") or {}
+    if not model.get("name"):
+        return ""
+    return f"Candidates were scored or made by `{model['name']}` (weights: {model.get('weights')})."
+
+
 def dataset_card(manifest: dict) -> str:
     shift = manifest["shift"]
     shortfalls = manifest["shortfalls"]
     lines = [
         "---",
-        "license: other",
+        f"license: {_license_id(manifest)}",
         "task_categories:",
         "- image-classification",
         "size_categories:",
@@ -47,7 +69,8 @@ def dataset_card(manifest: dict) -> str:
         "`index.parquet` has one row per sample; `manifest.json` has the resolved config, shard",
         "checksums, per-class counts and shortfalls.",
         "",
-        "Licences are those of the sources, per sample in `license` where the source states one.",
+        _licence_line(manifest),
+        _model_line(manifest),
         "",
     ]
     if shortfalls:

@@ -13,6 +13,7 @@ from .atomic import atomic_write_bytes
 MANIFEST = "manifest.json"
 INDEX = "index.parquet"
 SHARDS_DIR = "shards"
+EMBEDDINGS = "embeddings.npy"  # fp16 (samples, dim), aligned with index.parquet rows
 FORMAT = "imagenetpp-shift/1"
 
 
