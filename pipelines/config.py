@@ -133,6 +133,13 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is tuple or tp is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}"
+        return f"a list of {len(args)} items" if args else "a list"
+    if origin is dict or tp is dict:
+        return "a mapping"
     if tp is type(None):
         return "null"
     if dataclasses.is_dataclass(tp):
@@ -156,9 +163,23 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
-    elif origin is list:
+    elif origin is list or tp is list:
         if isinstance(value, list):
-            return [_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
+            item = (typing.get_args(tp) or (Any,))[0]
+            return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif origin is tuple or tp is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, list | tuple):
+            if len(args) == 2 and args[1] is Ellipsis:  # tuple[int, ...]
+                args = (args[0],) * len(value)
+            elif not args:
+                args = (Any,) * len(value)
+            if len(args) == len(value):
+                return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))  # fmt: skip
+    elif origin is dict or tp is dict:
+        if isinstance(value, dict):
+            k_tp, v_tp = typing.get_args(tp) or (Any, Any)
+            return {_coerce(k, k_tp, f"{key}.{k}"): _coerce(v, v_tp, f"{key}.{k}") for k, v in value.items()}  # fmt: skip
     elif dataclasses.is_dataclass(tp):
         if isinstance(value, dict):
             return build_dataclass(tp, value, key)

@@ -63,28 +63,65 @@ def class_slices(paths: list[Path]) -> dict[int, list[ClassSlice]]:
     return out
 
 
-def resolve_claims(paths: list[Path]) -> dict[Path, np.ndarray]:
-    """Per unit file, a boolean mask of the rows that win their image's claim."""
-    labels, scores, keys, sizes = [], [], [], []
+@dataclass
+class Claims:
+    """Every candidate row of every unit file (in file order), and which rows a class holds.
+
+    An image (its near-duplicate group, else its sha256, else its source id) is held by one
+    class at a time: first where it scores best; when that class fills up without needing it,
+    by its next-best class that still has room."""
+
+    offsets: dict[Path, int]  # global row of each file's first row
+    code: np.ndarray  # image identity per row
+    score: np.ndarray
+    label: np.ndarray
+    win: np.ndarray  # held by its row's class
+    tried: np.ndarray  # has been held at some point
+
+    def rows(self, sl: ClassSlice) -> np.ndarray:
+        first = self.offsets[sl.path] + sl.start
+        return np.arange(first, first + sl.rows)
+
+    def hand_on(self, released: np.ndarray, full: set[int]) -> np.ndarray:
+        """Give each released image to its best untried row in a class with room; returns
+        those rows."""
+        self.win[released] = False
+        codes = np.unique(self.code[released])
+        open_rows = np.isin(self.code, codes) & ~self.tried & ~np.isin(self.label, list(full))
+        cand = np.flatnonzero(open_rows)
+        if not cand.size:
+            return cand
+        order = cand[np.lexsort((self.label[cand], -self.score[cand], self.code[cand]))]
+        first = np.ones(order.size, bool)
+        first[1:] = self.code[order[1:]] != self.code[order[:-1]]
+        chosen = order[first]
+        self.win[chosen] = self.tried[chosen] = True
+        return chosen
+
+
+def resolve_claims(paths: list[Path]) -> Claims:
+    """First claims: each image to the class where it scores best (ties: lower class index)."""
+    labels, scores, keys, offsets, total = [], [], [], {}, 0
     for path in paths:
         t = pq.ParquetFile(path).read(columns=["label", "source_id", "sha256", "duplicate_group", "score"])  # fmt: skip
         keys.append(pc.coalesce(t["duplicate_group"], t["sha256"], t["source_id"]))
         scores.append(t["score"].to_numpy())
         labels.append(t["label"].to_numpy())
-        sizes.append(t.num_rows)
-    if not sizes or sum(sizes) == 0:
-        return {p: np.zeros(n, bool) for p, n in zip(paths, sizes, strict=True)}
+        offsets[path] = total
+        total += t.num_rows
+    if total == 0:
+        empty = np.zeros(0, bool)
+        return Claims(offsets, np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), empty, empty)  # fmt: skip
     codes = pa.chunked_array([c for k in keys for c in k.chunks], pa.string()).combine_chunks()
     codes = pc.dictionary_encode(codes).indices.to_numpy()
     score = np.concatenate(scores)
     label = np.concatenate(labels)
-    # Winner per image: highest score, ties to the lower class index.
     order = np.lexsort((label, -score, codes))
     first = np.ones(order.size, bool)
     first[1:] = codes[order[1:]] != codes[order[:-1]]
     win = np.zeros(order.size, bool)
     win[order[first]] = True
-    return dict(zip(paths, np.split(win, np.cumsum(sizes)[:-1]), strict=True))
+    return Claims(offsets, codes, score, label, win, win.copy())
 
 
 def greedy_dedupe(emb: np.ndarray, target: int, threshold: float) -> np.ndarray:
@@ -131,16 +168,17 @@ def _read_class(slices: list[ClassSlice]) -> tuple[pa.Table, str]:
 def select_class(
     cls: ImageNetClass,
     slices: list[ClassSlice],
-    wins: dict[Path, np.ndarray],
+    claims: Claims,
     target: int,
     threshold: float,
-) -> tuple[pa.Table, dict]:
+) -> tuple[pa.Table, dict, np.ndarray]:
+    """The class's selection, its stats, and the global rows it held but did not need (it
+    filled up before reaching them): those go on to their next-best class."""
     table, model = _read_class(slices)
-    win = (
-        np.concatenate([wins[sl.path][sl.start : sl.start + sl.rows] for sl in slices])
-        if slices
-        else np.zeros(0, bool)
+    global_rows = (
+        np.concatenate([claims.rows(sl) for sl in slices]) if slices else np.zeros(0, np.int64)
     )
+    win = claims.win[global_rows]
     total = table.num_rows
     rows = np.flatnonzero(win)
     # Score order, ties by source id, so the choice never depends on file order.
@@ -175,7 +213,8 @@ def select_class(
         "near_duplicates": considered - n,
         "selected": n,
     }
-    return table, stats
+    released = global_rows[rows[considered:]] if n == target else np.zeros(0, np.int64)
+    return table, stats, released
 
 
 def shortfall_reason(s: dict) -> str:
@@ -196,14 +235,28 @@ def select_all(
 ) -> tuple[pa.Table, list[dict]]:
     from threadpoolctl import threadpool_limits
 
-    wins = resolve_claims(paths)
+    claims = resolve_claims(paths)
     slices = class_slices(paths)
-    # Classes are independent once claims are settled: one thread per reserved core, each
-    # with a single-threaded BLAS (nested BLAS threads would oversubscribe the cores).
+    done: dict[int, tuple[pa.Table, dict]] = {}
+    full: set[int] = set()
+    pending = list(classes)
+    by_label = {c.index: c for c in classes}
+    # Classes are independent within a round: one thread per reserved core, each with a
+    # single-threaded BLAS (nested BLAS threads would oversubscribe the cores). Rounds go on
+    # while images a full class did not need can move to a class with room.
     with threadpool_limits(1, "blas"), ThreadPoolExecutor(threads or os.cpu_count()) as pool:
-        done = list(pool.map(lambda c: select_class(c, slices.get(c.index, []), wins, target, threshold), classes))  # fmt: skip
-    tables = [t for t, _ in done]
-    stats = [s for _, s in done]
+        while pending:
+            results = list(pool.map(lambda c: select_class(c, slices.get(c.index, []), claims, target, threshold), pending))  # fmt: skip
+            released = [np.zeros(0, np.int64)]
+            for cls, (table, stats, rel) in zip(pending, results, strict=True):
+                done[cls.index] = (table, stats)
+                if stats["selected"] == target:
+                    full.add(cls.index)
+                released.append(rel)
+            moved = claims.hand_on(np.concatenate(released), full)
+            pending = [by_label[int(x)] for x in np.unique(claims.label[moved]) if int(x) in by_label]  # fmt: skip
+    tables = [done[c.index][0] for c in classes]
+    stats = [done[c.index][1] for c in classes]
     return pa.concat_tables(tables) if tables else pa.table({}), stats
 
 

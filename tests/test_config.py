@@ -124,3 +124,24 @@ def test_every_shipped_config_parses(demo_world, name):
 
     config = load_config(REPO / "configs" / f"{name}.yaml", check_resources=name.startswith("demo"))
     assert config.shift == name.replace("_", "-")
+
+
+def test_params_typed_as_containers_parse():
+    from dataclasses import dataclass, field
+
+    from pipelines.config import build_dataclass
+    from pipelines.errors import ConfigError
+
+    @dataclass
+    class Params:
+        weights: dict[str, float] = field(default_factory=dict)
+        size: tuple[int, int] = (64, 64)
+        steps: tuple[int, ...] = ()
+        names: list[str] = field(default_factory=list)
+
+    p = build_dataclass(Params, {"weights": {"a": 1, "b": 0.5}, "size": [32, 48], "steps": [1, 2, 3], "names": ["x"]})  # fmt: skip
+    assert p == Params({"a": 1.0, "b": 0.5}, (32, 48), (1, 2, 3), ["x"])
+    for bad, key in (({"size": [1]}, "size"), ({"weights": {"a": "x"}}, "weights.a"),
+                     ({"steps": [1, "two"]}, "steps"), ({"weights": [1]}, "weights")):  # fmt: skip
+        with pytest.raises(ConfigError, match=f"'{key}"):
+            build_dataclass(Params, bad)

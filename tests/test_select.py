@@ -127,3 +127,36 @@ def test_units_holding_many_classes_select_like_one_file_per_class(tmp_path):
     assert one[0].to_pylist() == many[0].to_pylist() and one[1] == many[1]
     assert one[0].num_rows == 5 * 6
     assert [r["label"] for r in one[0].to_pylist() if r["source_id"] == "shared"] == [4]
+
+
+def test_an_image_a_full_class_does_not_need_goes_to_its_next_best_class(tmp_path):
+    # "x" scores best for class 0, which fills up with better items; class 1 has room.
+    files = class_files(tmp_path, {
+        0: [cand("a", 0.9, [1, 0, 0]), cand("b", 0.8, [0, 1, 0]), cand("x", 0.7, [0, 0, 1])],
+        1: [cand("c", 0.9, [1, 1, 0]), cand("x", 0.6, [0, 0, 1])],
+    })  # fmt: skip
+    table, stats = select_all(*files, target=2, threshold=1.0)
+    assert {(r["label"], r["source_id"]) for r in table.to_pylist()} == {
+        (0, "a"), (0, "b"), (1, "c"), (1, "x"),
+    }  # fmt: skip
+    assert [s["selected"] for s in stats] == [2, 2]
+
+
+def test_more_candidates_never_yield_fewer_samples(tmp_path):
+    """Curators asked for more neighbours (k 3000 instead of 150) must not lose samples: here
+    class 0's own 40 items fill it, and 60 items it also likes (more than class 1 does) are
+    class 1's only candidates. Asked for more, class 0 claims them too, and must let go."""
+    rng = np.random.default_rng(11)
+    emb = {i: rng.normal(size=8) for i in range(100)}
+    ranked0 = [(i, 0.99 - i / 10000) for i in range(60, 100)] + [(i, 0.9 - i / 1000) for i in range(60)]  # fmt: skip
+
+    def run(k, folder):
+        per_class = {
+            0: [cand(f"p{i}", s, emb[i]) for i, s in ranked0[:k]],
+            1: [cand(f"p{i}", 0.5 - i / 1000, emb[i]) for i in range(60)],
+        }
+        table, _ = select_all(*class_files(tmp_path / folder, per_class), 40, 0.999)
+        return table.num_rows
+
+    counts = [run(k, f"k{k}") for k in (40, 60, 100)]
+    assert counts == [80, 80, 80], counts
