@@ -24,7 +24,7 @@ demo: setup
 	$(BIN)/imagenetpp demo --out $(OUT)/demo
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 curate: setup
 	$(BIN)/imagenetpp curate $(CONFIG) --out $(OUT)
