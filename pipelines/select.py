@@ -19,6 +19,7 @@ import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -152,17 +153,46 @@ def greedy_dedupe(emb: np.ndarray, target: int, threshold: float) -> np.ndarray:
     return np.concatenate(kept) if kept else np.zeros(0, np.int64)
 
 
+@lru_cache(maxsize=8)
+def _read_unit_file(path: Path) -> tuple[pa.Table, str]:
+    """A whole unit file, kept while its neighbouring classes are selected: a file holding many
+    classes is read once, not once per class (classes go in label order, files hold runs of
+    labels)."""
+    table = pq.read_table(path)
+    model = (table.schema.metadata or {}).get(b"model", b"{}").decode()
+    return table.replace_schema_metadata(None), model
+
+
 def _read_class(slices: list[ClassSlice]) -> tuple[pa.Table, str]:
     tables, model = [], "{}"
     for sl in slices:
-        f = pq.ParquetFile(sl.path)
-        model = (f.schema_arrow.metadata or {}).get(b"model", b"{}").decode()
-        tables.append(f.read_row_group(sl.row_group).replace_schema_metadata(None))
+        table, model = _read_unit_file(sl.path)
+        tables.append(table.slice(sl.start, sl.rows))
     if not tables:
         from .candidates import candidate_schema
 
         return candidate_schema().empty_table(), model
     return pa.concat_tables(tables), model
+
+
+def _fp16_lists(matrix: np.ndarray) -> pa.Array:
+    flat = pa.array(np.ascontiguousarray(matrix, np.float16).ravel())
+    return pa.FixedSizeListArray.from_arrays(flat, matrix.shape[1]).cast(pa.list_(pa.float16()))
+
+
+def _take(table: pa.Table, rows: np.ndarray, emb: np.ndarray | None) -> pa.Table:
+    """table.take(rows), with the embedding column moved through numpy: Arrow's take on a
+    list<halffloat> column is several times slower than the rest of select."""
+    i = table.schema.get_field_index("embedding")
+    col = table.column(i)
+    out = table.remove_column(i).take(pa.array(rows, pa.int64()))
+    if emb is None:
+        if col.null_count == 0 and len(col):
+            dim = len(col.chunk(0)[0]) if col.num_chunks and len(col.chunk(0)) else 0
+            emb = col.combine_chunks().flatten().to_numpy().reshape(len(col), dim)[rows]
+        else:
+            return out.add_column(i, "embedding", col.combine_chunks().take(pa.array(rows, pa.int64())))  # fmt: skip
+    return out.add_column(i, "embedding", _fp16_lists(emb))
 
 
 def select_class(
@@ -187,15 +217,17 @@ def select_class(
         pc.sort_indices(keys, [("score", "descending"), ("source_id", "ascending")]).to_numpy()
     ]
     col = table["embedding"].combine_chunks()
+    emb = None
     if col.null_count == 0 and total:
-        emb = col.flatten().to_numpy().reshape(total, -1)[rows].astype(np.float32)
-        emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)  # stored as fp16
-        keep = greedy_dedupe(emb, target, threshold)
+        emb = col.flatten().to_numpy().reshape(total, -1)[rows]
+        unit = emb.astype(np.float32)
+        unit /= np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12)  # stored as fp16
+        keep = greedy_dedupe(unit, target, threshold)
     else:
         keep = np.arange(min(target, rows.size))
     # Rows looked at: up to the last kept one when the target was met, else all of them.
     considered = int(keep[-1]) + 1 if keep.size == target else rows.size
-    table = table.take(pa.array(rows[keep]))
+    table = _take(table, rows[keep], None if emb is None else emb[keep])
     table = table.replace_schema_metadata(None)
     n = table.num_rows
     table = table.set_column(
@@ -255,6 +287,7 @@ def select_all(
                 released.append(rel)
             moved = claims.hand_on(np.concatenate(released), full)
             pending = [by_label[int(x)] for x in np.unique(claims.label[moved]) if int(x) in by_label]  # fmt: skip
+    _read_unit_file.cache_clear()
     tables = [done[c.index][0] for c in classes]
     stats = [done[c.index][1] for c in classes]
     return pa.concat_tables(tables) if tables else pa.table({}), stats
@@ -269,7 +302,7 @@ def plan_shards(
     names = pa.array(np.array([wnids.get(i, "") for i in range(max(wnids) + 1)], dtype=object)[labels] if n else [], pa.string())  # fmt: skip
     ranks = pc.utf8_lpad(pc.cast(selected["rank"], pa.string()), 5, "0")
     selected = selected.append_column("key", pc.binary_join_element_wise(names, ranks, "_"))
-    shuffled = selected.take(pa.array(np.random.default_rng(seed).permutation(n)))
+    shuffled = _take(selected, np.random.default_rng(seed).permutation(n), None)
     return [shuffled.slice(i, samples_per_shard) for i in range(0, n, samples_per_shard)]
 
 
