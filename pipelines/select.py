@@ -188,8 +188,8 @@ def _take(table: pa.Table, rows: np.ndarray, emb: np.ndarray | None) -> pa.Table
     out = table.remove_column(i).take(pa.array(rows, pa.int64()))
     if emb is None:
         if col.null_count == 0 and len(col):
-            dim = len(col.chunk(0)[0]) if col.num_chunks and len(col.chunk(0)) else 0
-            emb = col.combine_chunks().flatten().to_numpy().reshape(len(col), dim)[rows]
+            flat = col.combine_chunks().flatten().to_numpy()
+            emb = flat.reshape(len(col), flat.size // len(col))[rows]
         else:
             return out.add_column(i, "embedding", col.combine_chunks().take(pa.array(rows, pa.int64())))  # fmt: skip
     return out.add_column(i, "embedding", _fp16_lists(emb))

@@ -160,3 +160,11 @@ def test_more_candidates_never_yield_fewer_samples(tmp_path):
 
     counts = [run(k, f"k{k}") for k in (40, 60, 100)]
     assert counts == [80, 80, 80], counts
+
+
+def test_plan_of_classes_some_of_them_empty(tmp_path):
+    # The first class has no candidates: its empty table must not confuse the shard plan.
+    files = class_files(tmp_path, {0: [], 1: [cand("a", 0.9, [1, 0]), cand("b", 0.8, [0, 1])]})
+    table, stats = select_all(*files, target=2, threshold=0.95)
+    shards = plan_shards(table, {c.index: c.wnid for c in label_set()[:2]}, 5, seed=0)
+    assert [t.num_rows for t in shards] == [2] and [s["selected"] for s in stats] == [0, 2]
