@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -111,10 +112,20 @@ def build_faiss_index(root: str | os.PathLike, parts: int, factory: str, seed: i
     import faiss
 
     arrays = [np.load(part_paths(root, i)["img_emb"], mmap_mode="r") for i in range(parts)]
+    if not any(a.shape[0] for a in arrays):
+        raise ResourceError(f"the pool has no decodable images: {root}")
+    index = build_faiss_index_from(arrays, factory, seed)
+    with atomic_path(Path(root) / FAISS_FILE) as tmp:
+        faiss.write_index(index, str(tmp))
+    return index
+
+
+def build_faiss_index_from(arrays: list[np.ndarray], factory: str, seed: int = 0):
+    """An index over the rows of ``arrays`` in order (memory-mapped parts are read in blocks)."""
     dim = next((a.shape[1] for a in arrays if a.ndim == 2 and a.shape[0]), 0)
     count = sum(a.shape[0] for a in arrays)
     if count == 0:
-        raise ResourceError(f"the pool has no decodable images: {root}")
+        raise ResourceError("the pool has no decodable images")
     index = make_faiss_index(dim, factory)
     if not index.is_trained:
         # Train on a seeded sample of at most 100k rows: enough for IVF/PQ, bounded memory.
@@ -130,8 +141,6 @@ def build_faiss_index(root: str | os.PathLike, parts: int, factory: str, seed: i
     for a in arrays:
         for start in range(0, a.shape[0], 65536):
             index.add(np.ascontiguousarray(a[start : start + 65536], dtype=np.float32))
-    with atomic_path(Path(root) / FAISS_FILE) as tmp:
-        faiss.write_index(index, str(tmp))
     return index
 
 
@@ -145,6 +154,22 @@ def make_faiss_index(dim: int, factory: str):
         raise ResourceError(f"bad faiss factory {factory!r}: {_one_line(e)}") from None
 
 
+def open_faiss_shared(path: Path):
+    """Open a faiss index so its vectors stay in the page cache, mapped in place: every worker
+    on a node shares one copy (a plain read, or IO_FLAG_MMAP on a flat index, copies them into
+    each process). Index types that cannot be mapped in place fall back to IO_FLAG_MMAP."""
+    import faiss
+
+    error: RuntimeError | None = None
+    for flag in (faiss.IO_FLAG_MMAP_IFC, faiss.IO_FLAG_MMAP, 0):
+        try:
+            return faiss.read_index(str(path), flag)
+        except RuntimeError as e:
+            error = error or e
+    # faiss's messages span lines: keep the CLI's one line
+    raise ResourceError(f"unreadable faiss index {path}: {_one_line(error)}") from None
+
+
 def write_metadata_arrow(root: str | os.PathLike, parts: int) -> None:
     with atomic_path(Path(root) / METADATA_ARROW) as tmp:
         with pa.ipc.new_file(str(tmp), METADATA_SCHEMA) as writer:
@@ -154,16 +179,46 @@ def write_metadata_arrow(root: str | os.PathLike, parts: int) -> None:
                 )
 
 
+EXACT_DEDUP_ROWS = 20_000  # below this, every pair is compared (quadratic, but under a second)
+
+
+def dedup_search_index(
+    root: str | os.PathLike, parts: int, exact_below: int = EXACT_DEDUP_ROWS, seed: int = 0
+):
+    """The index near-duplicate grouping searches: exact (Flat) for a small pool; above
+    ``exact_below`` rows an IVF index (k-means cells of ~sqrt(n) rows, 8 cells probed per
+    query), so grouping costs ~n*sqrt(n) instead of n^2, as semantic deduplication does at web
+    scale. Near duplicates lie far closer than cell widths, so the cells probed hold them."""
+    import faiss
+
+    arrays = [np.load(part_paths(root, i)["img_emb"], mmap_mode="r") for i in range(parts)]
+    n = sum(a.shape[0] for a in arrays)
+    if n <= exact_below:
+        return build_faiss_index_from(arrays, "Flat", seed)
+    train = min(n, 100_000)
+    nlist = int(max(16, min(4 * np.sqrt(n), train // 39)))  # faiss wants >= 39 points a cell
+    index = build_faiss_index_from(arrays, f"IVF{nlist},Flat", seed)
+    faiss.ParameterSpace().set_index_parameter(index, "nprobe", 8)
+    return index
+
+
 def near_duplicate_groups(
-    root: str | os.PathLike, index, parts: int, threshold: float, k: int = 16
+    root: str | os.PathLike,
+    parts: int,
+    threshold: float,
+    k: int = 16,
+    index=None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Group pool rows by leader clustering: rows are visited in row order; a row not yet in a
     group leads a new one, which takes every not-yet-grouped row among the leader's k nearest
     neighbours with cosine >= ``threshold`` (all rows within it, by a range search, when all k
     are: a picture copied a thousand times is one group, not one per k). Every member is thus
     within the threshold of its leader; similarity chains (A~B~C~...) cannot merge a whole class
-    the way connected components did. Writes dup_groups.npy (int64 per row: its leader's row)
-    and returns the group-size statistics (see group_stats)."""
+    the way connected components did. ``index`` defaults to dedup_search_index (sub-quadratic
+    for big pools); ``progress(rows_done, rows)`` is called after every batch. Writes
+    dup_groups.npy (int64 per row: its leader's row) and returns group_stats."""
+    index = index if index is not None else dedup_search_index(root, parts)
     n = int(index.ntotal)
     groups = np.full(n, -1, dtype=np.int64)
     k = max(1, min(k, n))
@@ -190,6 +245,8 @@ def near_duplicate_groups(
                     if full[i]:
                         members = _all_within(index, queries[i : i + 1], threshold, k)
                     groups[members[groups[members] < 0]] = r
+            if progress is not None:
+                progress(first + len(queries), n)
         row += emb.shape[0]
     with atomic_path(Path(root) / DUP_GROUPS) as tmp, open(tmp, "wb") as f:
         np.save(f, groups)
@@ -261,10 +318,7 @@ class PoolIndex:
         self.root = Path(root)
         self.info = read_info(root)
         path = self.root / FAISS_FILE
-        try:
-            self.faiss = faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
-        except RuntimeError as e:  # faiss's messages span lines: keep the CLI's one line
-            raise ResourceError(f"unreadable faiss index {path}: {_one_line(e)}") from None
+        self.faiss = open_faiss_shared(path)
         if (self.faiss.ntotal, self.faiss.d) != (self.info.count, self.info.dim):
             raise ResourceError(
                 f"{path} holds {self.faiss.ntotal} vectors of dim {self.faiss.d}, but {INFO} "

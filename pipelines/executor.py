@@ -59,6 +59,29 @@ class Progress:
             self.bar.close()
 
 
+class RowProgress:
+    """A bar for a long step that runs in the driver (grouping near duplicates): called with
+    (rows done, rows) as it goes."""
+
+    def __init__(self, desc: str, total: int, enabled: bool) -> None:
+        self.bar = None
+        if enabled and total:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=f"{desc:>12}", unit="row", file=sys.stderr)
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+
+    def __enter__(self) -> RowProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 class LocalExecutor:
     """Runs units one after another in this process: for debugging, tests and benchmarks."""
 

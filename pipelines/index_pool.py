@@ -44,7 +44,7 @@ from shards.images import BadImage, decode
 from shards.reader import CorruptTar, iter_sample_members
 
 from .errors import PartialFailure, UserError
-from .executor import FAILED
+from .executor import FAILED, RowProgress
 from .workdir import RunLock
 
 
@@ -364,14 +364,17 @@ def build_index(
                 f"items skipped: see {out / 'skipped'})"
             )
         index = build_faiss_index(out, len(shards), factory)
+        dim, count = index.d, index.ntotal
+        del index  # grouping builds its own search index: never two in memory
         write_metadata_arrow(out, len(shards))
         stats = None
         if dedup_cosine is not None and dedup_cosine < 1.0:
-            stats = near_duplicate_groups(out, index, len(shards), dedup_cosine)
+            with RowProgress("dedup", count, executor.progress) as bar:
+                stats = near_duplicate_groups(out, len(shards), dedup_cosine, progress=bar)
         else:  # grouping off: no stale groups from a killed run with another setting
             (out / DUP_GROUPS).unlink(missing_ok=True)
         info = IndexInfo(
-            model=plan.model, pretrained=plan.pretrained, dim=index.d, count=index.ntotal,
+            model=plan.model, pretrained=plan.pretrained, dim=dim, count=count,
             factory=factory, parts=len(shards), skipped=skipped, pool=plan.pool_name,
             dedup_cosine=dedup_cosine, weights=plan.weights, dedup_stats=stats,
         )  # fmt: skip

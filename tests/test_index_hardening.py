@@ -8,6 +8,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -18,6 +20,7 @@ from curators.knn_index import (
     DUP_GROUPS,
     PoolIndex,
     build_faiss_index,
+    dedup_search_index,
     group_stats,
     group_stats_warning,
     near_duplicate_groups,
@@ -28,7 +31,7 @@ from pipelines.demo_world import _draw, _jpeg
 from shards.reader import CorruptTar, iter_entries, iter_sample_members
 from shards.writer import ShardWriter
 
-from .conftest import one_line_error, run_cli
+from .conftest import REPO, one_line_error, run_cli
 
 
 def skipped_rows(index_dir) -> list[dict]:
@@ -304,7 +307,7 @@ def test_leader_groups_do_not_chain(tmp_path):
     assert float(emb[0] @ emb[-1]) < 0.7
     _write_parts(tmp_path, emb, parts=3)
     index = build_faiss_index(tmp_path, 3, "Flat")
-    stats = near_duplicate_groups(tmp_path, index, 3, threshold=0.95)
+    stats = near_duplicate_groups(tmp_path, 3, threshold=0.95, index=index)
     groups = np.load(tmp_path / DUP_GROUPS)
     assert groups.dtype == np.int64 and groups.shape == (20,)
     assert len(set(groups.tolist())) >= 10  # connected components made this one group
@@ -323,7 +326,7 @@ def test_exact_duplicates_join_their_first_copy(tmp_path):
     emb = np.concatenate([base, base[:5], base[:5]])  # rows 30..39 copy rows 0..4 twice
     _write_parts(tmp_path, emb, parts=2)
     index = build_faiss_index(tmp_path, 2, "Flat")
-    stats = near_duplicate_groups(tmp_path, index, 2, threshold=0.99)
+    stats = near_duplicate_groups(tmp_path, 2, threshold=0.99, index=index)
     groups = np.load(tmp_path / DUP_GROUPS)
     assert groups[:30].tolist() == list(range(30))
     assert groups[30:].tolist() == [0, 1, 2, 3, 4] * 2
@@ -352,10 +355,63 @@ def test_copies_beyond_k_stay_one_group(tmp_path):
             index = NoRangeSearch(build_faiss_index(tmp_path, 2, "Flat"))
         else:
             index = build_faiss_index(tmp_path, 2, factory)
-        stats = near_duplicate_groups(tmp_path, index, 2, threshold=0.99, k=16)
+        stats = near_duplicate_groups(tmp_path, 2, threshold=0.99, k=16, index=index)
         groups = np.load(tmp_path / DUP_GROUPS)
         assert (groups[20:] == 3).all() and groups[3] == 3, factory
         assert stats["largest"] == 101 and stats["groups"] == 20
+
+
+def test_big_pools_group_through_ivf_cells_like_the_exact_search(tmp_path):
+    # 30k rows, 10% planted near copies (some copied 30 times): the IVF search used above
+    # EXACT_DEDUP_ROWS must find the same groups as comparing every pair.
+    rng = np.random.default_rng(11)
+    n, dim = 30_000, 32
+    emb = rng.normal(size=(n, dim)).astype(np.float32)
+    src = rng.integers(0, n, n // 10)
+    dst = rng.choice(n, n // 10, replace=False)
+    emb[dst] = emb[src] + 0.03 * rng.normal(size=(len(dst), dim)).astype(np.float32)
+    emb[n - 30 :] = emb[7] + 0.01 * rng.normal(size=(30, dim)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    _write_parts(tmp_path, emb, parts=3)
+    seen = []
+    ivf = dedup_search_index(tmp_path, 3, exact_below=1000)
+    assert ivf.nlist > 16 and ivf.nprobe < ivf.nlist  # really searches a few cells per query
+    stats = near_duplicate_groups(
+        tmp_path, 3, 0.95, index=ivf, progress=lambda d, t: seen.append((d, t))
+    )
+    fast = np.load(tmp_path / DUP_GROUPS)
+    assert seen[-1] == (n, n) and len(seen) >= 3  # progress after every batch
+    exact = near_duplicate_groups(tmp_path, 3, 0.95, index=build_faiss_index(tmp_path, 3, "Flat"))
+    assert (np.load(tmp_path / DUP_GROUPS) == fast).all() and stats == exact
+    assert stats["joined"] > n // 20 and stats["largest"] >= 31
+
+
+def test_an_opened_index_is_shared_not_copied(tmp_path):
+    # Every worker opens the index: its vectors must stay file-backed pages (one copy per node
+    # in the page cache), not private memory that grows with the number of workers.
+    code = """
+import sys, numpy as np, faiss
+from pathlib import Path
+from curators.knn_index import open_faiss_shared
+def anon():
+    return next(int(l.split()[1]) for l in open('/proc/self/smaps_rollup') if l.startswith('Anonymous:'))
+x = np.random.default_rng(0).normal(size=(40000, 256)).astype('float32')
+for factory in ('Flat', 'IVF64,Flat'):
+    index = faiss.index_factory(256, factory, faiss.METRIC_INNER_PRODUCT)
+    index.train(x[:10000]); index.add(x)
+    path = Path(sys.argv[1]) / (factory.replace(',', '_') + '.index')
+    faiss.write_index(index, str(path)); del index
+    before = anon()
+    opened = open_faiss_shared(path)
+    opened.search(x[:50], 5)
+    print(factory, (anon() - before) // 1024)
+"""
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                         text=True, check=True, cwd=REPO).stdout  # fmt: skip
+    added = {line.split()[0]: int(line.split()[1]) for line in out.splitlines()}
+    assert set(added) == {"Flat", "IVF64,Flat"}
+    for factory, mb in added.items():
+        assert mb < 10, f"{factory}: opening a 41 MB index added {mb} MB of private memory"
 
 
 def test_group_size_warning():
