@@ -7,6 +7,7 @@ per worker, not once per unit. Stages never import Ray.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import time
@@ -18,11 +19,20 @@ from curators.base import Resources
 from .errors import UserError
 
 _ERROR = "__user_error__"
+_ITEMS = "__items__"  # progress a unit reported that the driver had not yet taken
 Setup = Callable[[], Any]
 Work = Callable[[Any, Any], dict]
 
 
 FAILED = "failed"
+_report: Callable[[int], None] | None = None  # set by the executor running this process's units
+
+
+def report_progress(items: int) -> None:
+    """Called by a unit's work as it goes (images embedded, samples written), so the stage's
+    bar moves inside a unit that takes hours; a no-op outside an executor."""
+    if _report is not None:
+        _report(items)
 
 
 def _no_setup() -> None:
@@ -47,12 +57,24 @@ class Progress:
 
             self.bar = tqdm(total=total, desc=f"{desc:>12}", unit="unit", file=sys.stderr)
 
+    items = 0  # reported from inside units (report_progress)
+
     def update(self, result: dict) -> None:
         self.samples += int(result.get("samples", 0))
         if self.bar is not None:
-            rate = self.samples / max(time.monotonic() - self.start, 1e-9)
-            self.bar.set_postfix_str(f"{self.samples} samples, {rate:.1f} samples/s")
+            self._postfix()
             self.bar.update(1)
+
+    def advance(self, items: int) -> None:
+        self.items += items
+        if self.bar is not None and items:
+            self._postfix()
+            self.bar.refresh()
+
+    def _postfix(self) -> None:
+        count, what = (self.items, "items") if self.items else (self.samples, "samples")
+        rate = count / max(time.monotonic() - self.start, 1e-9)
+        self.bar.set_postfix_str(f"{count} {what}, {rate:.1f} {what}/s", refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -94,7 +116,9 @@ class LocalExecutor:
     def map(
         self, desc: str, units: list, work: Work, setup: Setup = _no_setup, **_: Any
     ) -> Iterator[dict]:
+        global _report
         bar = Progress(desc, len(units), self.progress)
+        _report = bar.advance
         try:
             state = setup() if units else None
             for unit in units:
@@ -107,6 +131,7 @@ class LocalExecutor:
                 bar.update(result)
                 yield result
         finally:
+            _report = None
             bar.close()
 
     def describe(self) -> dict:
@@ -117,24 +142,47 @@ class LocalExecutor:
 
 
 class _Worker:
-    """A Ray actor holding one stage's state. A user's error (missing resource, bad value)
-    comes back as a value, so the driver can print its one line instead of Ray's traceback."""
+    """A Ray actor that outlives a stage: started once per run (per resource shape) and reused
+    by every stage, so a run pays the process start and imports once, not once per stage. It
+    holds one stage's state at a time (a model, an index), built by ``prepare``. A user's error
+    (missing resource, bad value) comes back as a value, so the driver can print its one line
+    instead of Ray's traceback."""
 
-    def __init__(self, setup: Setup, guard: Callable[[], None] | None = None) -> None:
+    def __init__(self, guard: Callable[[], None] | None = None) -> None:
+        global _report
         from shards.atomic import set_commit_guard
 
         set_commit_guard(guard)
+        self.key: str | None = None
         self.state, self.error = None, None
+        self.items = 0  # reported by the running unit, not yet taken by the driver
+        _report = self._count
+
+    def _count(self, items: int) -> None:
+        self.items += items
+
+    def take_progress(self) -> int:
+        """Runs beside ``run`` (its own concurrency group): what the unit reported so far."""
+        items, self.items = self.items, 0
+        return items
+
+    def prepare(self, key: str, setup: Setup) -> None:
+        if key == self.key:
+            return
+        self.state, self.error = None, None  # the last stage's model goes before the next loads
+        self.key = key
         try:
             self.state = setup()
-        except UserError as e:
+        except Exception as e:  # noqa: BLE001  reported by every unit it would have run
             self.error = e
 
     def run(self, work: Work, unit: Any) -> dict:
-        if self.error is not None:
+        if isinstance(self.error, UserError):
             return {_ERROR: self.error}
+        if self.error is not None:
+            return failure(unit, self.error)
         try:
-            return work(self.state, unit)
+            return {**work(self.state, unit), _ITEMS: self.take_progress()}
         except UserError as e:
             return {_ERROR: e}
         except Exception as e:  # noqa: BLE001  fails the same way wherever it runs: recorded
@@ -142,7 +190,11 @@ class _Worker:
 
 
 class RayExecutor:
-    """Runs units as Ray actor calls; results stream back as units finish."""
+    """Runs units as Ray actor calls; results stream back as units finish.
+
+    On a Ray of its own (no cluster address), a stage with a single unit and no GPU need runs
+    in this process: one unit cannot use a second worker, and a worker's start-up would cost
+    more than the unit on small jobs (measured in `make bench`, curate_ray_vs_local)."""
 
     name = "ray"
 
@@ -190,6 +242,9 @@ class RayExecutor:
         self.gpus = int(resources.get("GPU", 0))
         self.workers = workers or max(1, self.cpus)
         self.progress = progress
+        self.local = LocalExecutor(progress)
+        self._pool: list[Any] = []  # live actors, all of self._shape
+        self._shape: dict[str, Any] | None = None
 
     def map(
         self,
@@ -204,19 +259,32 @@ class RayExecutor:
         failure record and the stage goes on."""
         if not units:
             return
-        ray = self.ray
         resources = resources or Resources()
+        if self.address is None and len(units) == 1 and not (resources.gpus and self.gpus):
+            yield from self.local.map(desc, units, work, setup)
+            return
+        ray = self.ray
         n = min(len(units), self.workers)
         options: dict[str, Any] = {"num_cpus": resources.cpus, "max_restarts": 0}
         if resources.gpus and self.gpus:
             n = max(1, min(n, int(self.gpus / resources.gpus)))
             options["num_gpus"] = resources.gpus
-        actor_cls = ray.remote(**options)(_Worker)
+        if options != self._shape:  # other resources: free the old workers' reservations
+            self._kill_pool()
+            self._shape = options
+        actor_cls = ray.remote(concurrency_groups={"progress": 1}, **options)(_ray_worker(ray))
+        key = hashlib.sha256(ray.cloudpickle.dumps(setup)).hexdigest()
 
         def start():
-            return actor_cls.remote(setup, self.guard)
+            actor = actor_cls.remote(self.guard)
+            self._pool.append(actor)
+            return actor
 
-        actors = [start() for _ in range(n)]
+        while len(self._pool) < n:
+            start()
+        actors = self._pool[:n]
+        for actor in actors:  # ordered before its first run: state is built once per worker
+            actor.prepare.remote(key, setup)
         bar = Progress(desc, len(units), self.progress)
         pending: dict[Any, tuple[Any, Any]] = {}  # ref -> (actor, unit)
         tries: dict[int, int] = {}
@@ -227,21 +295,33 @@ class RayExecutor:
                 unit = todo.pop()
                 pending[actor.run.remote(work, unit)] = (actor, unit)
 
+        def replace(actor):
+            self._pool.remove(actor)
+            fresh = start()
+            fresh.prepare.remote(key, setup)
+            actors[actors.index(actor)] = fresh
+            return fresh
+
         try:
             for actor in actors:  # two in flight per actor hides the round trip
                 submit(actor)
                 submit(actor)
             while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+                if not done:  # a long unit: show what it reported so far
+                    if bar.bar is not None:
+                        taken = [a.take_progress.remote() for a in actors]
+                        bar.advance(sum(ray.get(taken)))
+                    continue
                 actor, unit = pending.pop(done[0])
                 try:
-                    result = _unwrap(ray, done[0])
+                    result = _unwrap(ray, done[0], bar)
                 except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
                     tries[id(unit)] = tries.get(id(unit), 0) + 1
                     if actor in actors:  # its other in-flight unit comes back here too
-                        actors[actors.index(actor)] = actor = start()
+                        actor = replace(actor)
                     else:
-                        actor = next(a for a in actors)
+                        actor = actors[0]
                     if tries[id(unit)] < self.attempts:
                         todo.append(unit)  # next in line, on a live worker
                         submit(actor)
@@ -250,10 +330,16 @@ class RayExecutor:
                 bar.update(result)
                 yield result
                 submit(actor)
+        except BaseException:
+            self._kill_pool()  # units still in flight must not go on writing
+            raise
         finally:
             bar.close()
-            for actor in actors:
-                ray.kill(actor)
+
+    def _kill_pool(self) -> None:
+        for actor in self._pool:
+            self.ray.kill(actor)
+        self._pool, self._shape = [], None
 
     def describe(self) -> dict:
         return {
@@ -264,7 +350,31 @@ class RayExecutor:
         }
 
     def shutdown(self) -> None:
-        self.ray.shutdown()
+        self._kill_pool()
+        # A Ray of our own: ray.shutdown() gives each of its processes a second to exit after
+        # SIGTERM, one after another; nothing of ours runs there now, so kill them outright
+        # once the driver has disconnected (what the reaper would do if we died).
+        worker = getattr(self.ray, "_private", None) and self.ray._private.worker
+        node = getattr(worker, "_global_node", None) if self.address is None else None
+        if node is not None:
+            worker._global_node = None
+        try:
+            self.ray.shutdown()
+        finally:
+            if node is not None:
+                node.kill_all_processes(check_alive=False, allow_graceful=False)
+
+
+def _ray_worker(ray: Any) -> type:
+    """_Worker with take_progress in its own concurrency group, so the driver can ask while a
+    unit runs; units still run one at a time (the default group has one thread)."""
+
+    class RayWorker(_Worker):
+        @ray.method(concurrency_group="progress")
+        def take_progress(self) -> int:
+            return super().take_progress()
+
+    return RayWorker
 
 
 def _start_reaper() -> None:
@@ -295,10 +405,11 @@ def check_ray_address(address: str | None, timeout: float = 5.0) -> None:
         raise UserError(f"cannot reach Ray cluster at {address}: {e}") from None
 
 
-def _unwrap(ray: Any, ref: Any) -> dict:
+def _unwrap(ray: Any, ref: Any, bar: Progress) -> dict:
     result = ray.get(ref)
     if _ERROR in result:
         raise result[_ERROR]
+    bar.advance(result.pop(_ITEMS, 0))
     return result
 
 
