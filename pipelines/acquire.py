@@ -29,6 +29,8 @@ from shards.images import BadImage, decode
 from shards.sources import blob_path
 from shards.writer import ShardWriter
 
+from .executor import report_progress
+
 STATUS_SCHEMA = pa.schema(
     [
         ("url", pa.string()),
@@ -124,10 +126,16 @@ def _fetch_image(url: str) -> Fetched:
     return got
 
 
+def _fetch_reporting(url: str):
+    result = _fetch_image(url)
+    report_progress(1)
+    return result
+
+
 def fetch_chunk(status_dir: Path, work_root: Path, threads: int, _state, chunk: Chunk) -> dict:
     """The acquire unit: fetch a chunk's URLs; the tar first, the status table last."""
     with ThreadPoolExecutor(threads) as pool:
-        results = list(pool.map(_fetch_image, chunk.urls))
+        results = list(pool.map(_fetch_reporting, chunk.urls))
     rows = []
     with ShardWriter(blob_path(work_root, chunk.id)) as writer:
         for i, r in enumerate(results):

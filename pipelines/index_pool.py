@@ -44,7 +44,7 @@ from shards.images import BadImage, decode
 from shards.reader import CorruptTar, iter_sample_members
 
 from .errors import PartialFailure, UserError
-from .executor import FAILED, RowProgress
+from .executor import FAILED, RowProgress, report_progress
 from .workdir import RunLock
 
 
@@ -261,6 +261,7 @@ def embed_shard(root: Path, batch_size: int, encoder, unit: tuple[int, str]) -> 
                 good.append(pixels)
         if good:
             img_out.append(encoder.encode_pixels(torch.stack(good)))
+        report_progress(len(batch))
 
     with ThreadPoolExecutor(PREP_THREADS) as pool:
         pending: tuple[list[dict], object] | None = None

@@ -23,6 +23,7 @@ from shards.sources import SourceError, read_source
 from shards.writer import ShardWriter
 
 from . import __version__
+from .executor import report_progress
 
 ROW_SCHEMA = pa.schema(
     [
@@ -125,6 +126,7 @@ def write_shard(ctx: SampleContext, plan_file: Path, shard_path: Path, rows_path
                  "height": img.height, "status": "ok", "reason": None}
             )  # fmt: skip
             writer.write(row["key"], files)
+            report_progress(1)
         info = writer.close()
     table = pa.Table.from_pylist(out_rows, schema=ROW_SCHEMA).replace_schema_metadata(
         {"shard": json.dumps({"name": info.name, "sha256": info.sha256, "samples": info.samples, "bytes": info.bytes})}
