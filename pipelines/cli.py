@@ -11,7 +11,7 @@ from .errors import PartialFailure, UserError
 
 DESCRIPTION = """Build class-balanced ImageNet-sized training-data shifts with per-sample
 provenance. Start with `imagenetpp demo`; `imagenetpp COMMAND --help` for each command."""
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo_knn_img.yaml"
+DEMO_CONFIG = "demo_knn_img"  # a shipped config (configs/), found wherever the package is
 
 
 class _Formatter(argparse.HelpFormatter):
@@ -76,7 +76,7 @@ def cmd_curate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    args.config = str(DEMO_CONFIG)  # the world is built once the config and options check out
+    args.config = DEMO_CONFIG  # the world is built once the config and options check out
     return cmd_curate(args)
 
 

@@ -315,12 +315,24 @@ def parse_config(data: Any, check_resources: bool = True) -> ShiftConfig:
     return config
 
 
+def resolve_config_path(path: str | Path) -> Path:
+    """``path`` if it is a file; else a shipped config of that name (``configs/demo_knn_img.yaml``
+    or ``demo_knn_img``), so the documented commands work where the package is installed
+    without its source tree."""
+    from configs import bundled, names
+
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.parent in (Path("."), Path("configs")) and (shipped := bundled(path.name)):
+        return shipped
+    raise ConfigError(f"config file not found: {path} (shipped configs: {', '.join(names())})")
+
+
 def load_config(
     path: str | Path, overrides: list[str] = (), check_resources: bool = True
 ) -> ShiftConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    path = resolve_config_path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
