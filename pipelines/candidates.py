@@ -133,9 +133,10 @@ def unit_work(folder: Path, work_root: Path, curator, unit: Unit) -> dict:
     return {"unit": unit.id, "samples": len(cands), "blobs": blobs}
 
 
-def plan_units(config, classes: list[ImageNetClass]) -> list[Unit]:
+def plan_units(config, classes: list[ImageNetClass], curator=None) -> list[Unit]:
     """The curator's cut of the work (cheap: a curator loads its models lazily)."""
-    units = create_curator(config.curator.name, config.curator.params).units(classes)
+    curator = curator or create_curator(config.curator.name, config.curator.params)
+    units = curator.units(classes)
     ids = [u.id for u in units]
     if len(set(ids)) != len(ids):
         raise UserError(f"curator {config.curator.name} gave two units the same id")

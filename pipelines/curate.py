@@ -13,7 +13,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from curators import ImageNetClass, select_classes
+from curators import ImageNetClass, create_curator, select_classes
 from shards.manifest import MANIFEST
 
 from .candidates import plan_units
@@ -37,7 +37,8 @@ def curate(config: ShiftConfig, out: str | Path | None = None) -> dict:
     failed (the others are committed; a re-run retries the failed ones)."""
     shift_dir = Path(out or config.run.out) / config.shift
     classes = resolve_classes(config)
-    units = plan_units(config, classes)
+    curator = create_curator(config.curator.name, config.curator.params)
+    units = plan_units(config, classes, curator)
     with RunLock(shift_dir) as lock:
         work = WorkDir(shift_dir)
         work.clear_temporaries()
@@ -53,6 +54,7 @@ def curate(config: ShiftConfig, out: str | Path | None = None) -> dict:
             config.run.progress, guard=lock.guard(),
         )  # fmt: skip
         run = Run(config, classes, work, units, node_cpus=executor.node_cpus)
+        run.curator = curator  # one instance in the driver
         stages: dict[str, dict] = {}
         try:
             for stage in STAGES:

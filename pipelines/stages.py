@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
 from curators import ImageNetClass, create_curator
-from curators.base import Resources, Unit
+from curators.base import Curator, Resources, Unit
 from curators.clip_models import ClipEncoder
 from shards.atomic import atomic_write_bytes
 from shards.manifest import SHARDS_DIR
@@ -41,6 +41,11 @@ class Run:
     work: WorkDir
     units: list[Unit]  # the curator's cut of the candidates stage
     node_cpus: int = 1  # CPUs of the largest node the executor runs on
+
+    @cached_property
+    def curator(self) -> Curator:
+        """The driver's instance (units, resources); workers build their own in setup."""
+        return create_curator(self.config.curator.name, self.config.curator.params)
 
     @property
     def shift_dir(self) -> Path:
@@ -71,7 +76,7 @@ def _curator_setup(run: Run):
 
 
 def _curator_resources(run: Run) -> Resources:
-    return create_curator(run.config.curator.name, run.config.curator.params).resources
+    return run.curator.resources
 
 
 def _candidate_files(run: Run) -> list[Path] | None:
