@@ -197,7 +197,7 @@ def test_a_worker_killed_mid_unit_is_retried(generated, tmp_path):
     while killed is None and proc.poll() is None and time.monotonic() < deadline:
         for p in psutil.Process(proc.pid).children(recursive=True):
             try:
-                if "_Worker.run" in p.name() or "_Worker.run" in " ".join(p.cmdline()):
+                if "Worker.run" in p.name() or "Worker.run" in " ".join(p.cmdline()):
                     p.kill()  # a worker process dies in the middle of generating a unit
                     killed = p.pid
                     break
@@ -285,3 +285,55 @@ def test_url_candidates_are_fetched_in_rounds_and_dead_links_replaced(tmp_path):
     assert hits["/flaky/p11"] == 2
     assert manifest["skipped"]["count"] == 0
     assert run_cli("verify", str(shift)).returncode == 0
+
+
+def test_acquire_killed_midway_resumes_to_the_same_bytes(tmp_path):
+    # 3 classes x 100 wanted: round one asks 110 URLs a class, in two chunks (units) of 256.
+    from PIL import Image
+
+    from pipelines.acquire import CHUNK
+
+    from .http_server import FaultServer
+
+    rng = np.random.default_rng(4)
+    images, listing = {}, []
+    for c, label in enumerate((1, 22, 130)):
+        for rank in range(120):
+            name = f"q{c}-{rank}"
+            buf = __import__("io").BytesIO()
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buf, "JPEG")
+            images[name] = buf.getvalue()
+            kind = "missing" if rank % 17 == 3 else "slow"  # slow: the kill lands mid-chunk
+            listing.append({"label": label, "url": f"{kind}/{name}", "score": 1.0 - rank / 1000})
+    with FaultServer(images, slow_seconds=0.02) as server:
+        for row in listing:
+            row["url"] = server.url(*row["url"].split("/"))
+        (tmp_path / "urls.json").write_text(json.dumps(listing))
+        curator = {"name": "tests.fake_curators:UrlCurator", "params": {"listing": str(tmp_path / "urls.json")}}  # fmt: skip
+        config = write_config(tmp_path / "c.yaml", curator, target=100)
+        assert curate(config, tmp_path / "clean").returncode == 0
+        server.hits.clear()
+
+        args = [CLI, "curate", str(config), "--out", str(tmp_path / "killed"), "--no-progress"]
+        proc = subprocess.Popen(args, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        while proc.poll() is None and sum(server.hits.values()) < CHUNK + 40:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        assert proc.returncode == -signal.SIGKILL
+        time.sleep(1)  # the reaper takes the embedded Ray down
+        before = dict(server.hits)
+        acquired = tmp_path / "killed" / "fake" / "_work" / "acquire"
+        committed = sorted(acquired.glob("*.parquet")) if acquired.exists() else []
+        assert len(committed) < 2  # killed inside acquire, not after it
+        assert curate(config, tmp_path / "killed").returncode == 0
+        after = {p: n - before.get(p, 0) for p, n in server.hits.items()}
+    assert samples(tmp_path / "killed" / "fake") == samples(tmp_path / "clean" / "fake")
+    if committed:  # a committed chunk's URLs are not asked again
+        import pyarrow.parquet as pq
+
+        urls = pq.read_table(committed[0], columns=["url"])["url"].to_pylist()
+        paths = {u.split(str(server.port), 1)[1] for u in urls}
+        assert not any(after.get(p) for p in paths)
+    assert run_cli("verify", str(tmp_path / "killed" / "fake")).returncode == 0
