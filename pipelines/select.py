@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -153,11 +155,19 @@ def greedy_dedupe(emb: np.ndarray, target: int, threshold: float) -> np.ndarray:
     return np.concatenate(kept) if kept else np.zeros(0, np.int64)
 
 
-@lru_cache(maxsize=8)
+_file_locks: dict[Path, threading.Lock] = defaultdict(threading.Lock)
+
+
 def _read_unit_file(path: Path) -> tuple[pa.Table, str]:
     """A whole unit file, kept while its neighbouring classes are selected: a file holding many
     classes is read once, not once per class (classes go in label order, files hold runs of
-    labels)."""
+    labels). The lock makes threads selecting neighbouring classes wait for one read."""
+    with _file_locks[path]:
+        return _read_unit_file_cached(path)
+
+
+@lru_cache(maxsize=8)
+def _read_unit_file_cached(path: Path) -> tuple[pa.Table, str]:
     table = pq.read_table(path)
     model = (table.schema.metadata or {}).get(b"model", b"{}").decode()
     return table.replace_schema_metadata(None), model
@@ -287,7 +297,8 @@ def select_all(
                 released.append(rel)
             moved = claims.hand_on(np.concatenate(released), full)
             pending = [by_label[int(x)] for x in np.unique(claims.label[moved]) if int(x) in by_label]  # fmt: skip
-    _read_unit_file.cache_clear()
+    _read_unit_file_cached.cache_clear()
+    _file_locks.clear()
     tables = [done[c.index][0] for c in classes]
     stats = [done[c.index][1] for c in classes]
     return pa.concat_tables(tables) if tables else pa.table({}), stats
