@@ -134,6 +134,9 @@ class LocalExecutor:
             _report = None
             bar.close()
 
+    def set_guard(self, guard: Callable[[], None] | None) -> None:
+        pass  # its worker is the driver, which holds the lock itself
+
     def describe(self) -> dict:
         return {"executor": "local"}
 
@@ -335,6 +338,11 @@ class RayExecutor:
             raise
         finally:
             bar.close()
+
+    def set_guard(self, guard: Callable[[], None] | None) -> None:
+        """The commit guard for workers started from now on (see shards.atomic)."""
+        self._kill_pool()
+        self.guard = guard
 
     def _kill_pool(self) -> None:
         for actor in self._pool:

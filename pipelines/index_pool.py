@@ -332,7 +332,8 @@ def build_index(
     out = Path(out)
     plan = plan or plan_index(pool, model, pretrained, factory, pool_name)
     shards = plan.shards
-    with RunLock(out):
+    with RunLock(out) as lock:
+        executor.set_guard(lock.guard())  # workers commit parts only while this run holds out
         bound = check_binding(out, plan)
         if (out / INFO).exists():
             return _check_finished(out, plan, dedup_cosine)
