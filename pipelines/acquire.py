@@ -18,13 +18,14 @@ import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shards.atomic import atomic_path
-from shards.fetch import Fetched, fetch_url
+from shards.fetch import Fetched, Fetcher, FetchPolicy
 from shards.images import BadImage, decode
 from shards.sources import blob_path
 from shards.writer import ShardWriter
@@ -113,29 +114,31 @@ def plan_rounds(
         statuses.update(read_statuses(folder, [c.id for c in chunks]))
 
 
-def _fetch_image(url: str) -> Fetched:
+def _fetch_image(fetcher: Fetcher, url: str) -> Fetched:
     """Fetch, and count what does not decode as an image (an HTML page, a cut JPEG) as a
     failure here, where the next-ranked candidate can still replace it."""
-    got = fetch_url(url)
+    got = fetcher.fetch(url)
+    report_progress(1)
     if got.data is None:
         return got
     try:
         decode(got.data)
     except BadImage as e:
-        return Fetched(url, None, "error", f"not an image: {e}", got.http_status)
+        return Fetched(url, None, "error", f"not an image: {e}", got.http_status, "not_image")
     return got
 
 
-def _fetch_reporting(url: str):
-    result = _fetch_image(url)
-    report_progress(1)
-    return result
+def make_fetcher(policy: FetchPolicy) -> Fetcher:
+    """The acquire stage's per-worker state: one per-host limit for all its threads."""
+    return Fetcher(policy)
 
 
-def fetch_chunk(status_dir: Path, work_root: Path, threads: int, _state, chunk: Chunk) -> dict:
+def fetch_chunk(
+    status_dir: Path, work_root: Path, threads: int, fetcher: Fetcher, chunk: Chunk
+) -> dict:
     """The acquire unit: fetch a chunk's URLs; the tar first, the status table last."""
     with ThreadPoolExecutor(threads) as pool:
-        results = list(pool.map(_fetch_reporting, chunk.urls))
+        results = list(pool.map(partial(_fetch_image, fetcher), chunk.urls))
     rows = []
     with ShardWriter(blob_path(work_root, chunk.id)) as writer:
         for i, r in enumerate(results):

@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from shards.fetch import USER_AGENT
+
 from .errors import PartialFailure, UserError
 
 DESCRIPTION = """Build class-balanced ImageNet-sized training-data shifts with per-sample
@@ -157,6 +159,50 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_download(args: argparse.Namespace) -> int:
+    from shards.fetch import OPT_OUT, FetchPolicy
+    from shards.images import ImagePolicy
+
+    from .config import _is_network
+    from .download import DownloadOptions, ListSpec, download
+
+    bad = next((n for n in args.allow_network or [] if not _is_network(n)), None)
+    if bad is not None:
+        raise UserError(f"--allow-network {bad!r} is not a CIDR network, e.g. 127.0.0.1/32")
+    for name in ("shard_size", "threads", "per_host", "image_size", "max_bytes_mb"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if not 1 <= args.jpeg_quality <= 100:
+        raise UserError("--jpeg-quality must lie in 1..100")
+    if args.shard_size > 100_000:
+        raise UserError("--shard-size must be at most 100000")
+    spec = ListSpec(
+        args.url_col, args.caption_col or None,
+        tuple(c for c in (args.extra_cols or "").split(",") if c), args.input_format,
+    )  # fmt: skip
+    options = DownloadOptions(
+        shard_size=args.shard_size, threads=args.threads, retry_failed=args.retry_failed,
+        fetch=FetchPolicy(
+            read_timeout=args.timeout, retries=args.retries, per_host=args.per_host,
+            max_bytes=args.max_bytes_mb << 20, max_redirects=args.max_redirects,
+            user_agent=args.user_agent, allow_private=args.allow_private,
+            allow_networks=tuple(args.allow_network or ()),
+            opt_out=() if args.ignore_opt_out else OPT_OUT,
+        ),
+        image=ImagePolicy(args.resize_mode, args.image_size, args.jpeg_quality),
+    )  # fmt: skip
+    totals = download(args.url_list, args.out, spec, options, not args.no_progress)
+    errors = {k.split(":", 1)[1]: n for k, n in totals.items() if k.startswith("error:")}
+    rows = totals.get("rows", 0)
+    line = f"{args.out}: {totals.get('samples', 0)} / {rows} images in {_plural(totals['shards'], 'shard')}"
+    if totals.get("skipped_shards"):
+        line += f" ({totals['skipped_shards']} finished before, skipped)"
+    if errors:
+        line += "; failures this run: " + ", ".join(f"{k} {n}" for k, n in sorted(errors.items()))
+    print(line)
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .curate import status_report
 
@@ -225,6 +271,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     _run_options(p)
     p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser(
+        "download", help="download a URL list into an img2dataset-compatible webdataset pool"
+    )
+    p.add_argument("url_list", help="parquet, CSV, TSV, JSONL or TXT file, or a folder of them")
+    p.add_argument("--out", required=True, help="pool folder (NNNNN.tar/.parquet/_stats.json)")
+    p.add_argument("--url-col", default="url", help="column holding the URL")
+    p.add_argument(
+        "--caption-col", default="caption", help="column holding the caption ('' for none)"
+    )
+    p.add_argument("--extra-cols", help="comma-separated columns copied into each sample's json")
+    p.add_argument("--input-format", choices=["parquet", "csv", "tsv", "jsonl", "txt"],
+                   help="(default: from each file's extension)")  # fmt: skip
+    p.add_argument("--shard-size", type=int, default=10_000, help="rows per shard")
+    p.add_argument("--threads", type=int, default=32, help="URLs in flight")
+    p.add_argument("--per-host", type=int, default=16, help="URLs in flight to one host")
+    p.add_argument("--timeout", type=float, default=10.0, help="read timeout, seconds")
+    p.add_argument(
+        "--retries", type=int, default=2, help="on timeouts, 429, 5xx, connection errors"
+    )
+    p.add_argument("--max-bytes-mb", type=int, default=20, help="largest body accepted")
+    p.add_argument("--max-redirects", type=int, default=5)
+    p.add_argument("--user-agent", default=USER_AGENT)
+    p.add_argument("--resize-mode", default="keep_ratio_largest",
+                   choices=["keep_ratio", "keep_ratio_largest", "center_crop", "border", "no"])  # fmt: skip
+    p.add_argument("--image-size", type=int, default=512, help="target side (see --resize-mode)")
+    p.add_argument("--jpeg-quality", type=int, default=95)
+    p.add_argument("--allow-private", action="store_true",
+                   help="allow private, loopback and link-local hosts (refused by default)")  # fmt: skip
+    p.add_argument("--allow-network", action="append", metavar="CIDR",
+                   help="allow this network even if private (repeatable)")  # fmt: skip
+    p.add_argument("--ignore-opt-out", action="store_true",
+                   help="fetch images whose X-Robots-Tag says noai / noimageai / none")  # fmt: skip
+    p.add_argument("--retry-failed", action="store_true",
+                   help="in finished shards, fetch again the rows that failed transiently")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("status", help="how far a shift's run has got (committed units per stage)")
     p.add_argument("shift_dir", help="a shift's output folder, OUT/<shift>")

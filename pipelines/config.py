@@ -8,6 +8,7 @@
     select: {near_duplicate_cosine: 0.95}
     shards: {samples_per_shard: 1000}
     image: {max_side: 512, jpeg_quality: 90}
+    acquire: {allow_private: false, threads: 16}   # how URL candidates are fetched
     run: {out: out, executor: ray, ray_address: null, workers: null}
 
 Paths in curator params may start with ``demo:`` to name a part of the embedded demo world.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import ipaddress
 import json
 import types
 import typing
@@ -26,6 +28,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from shards.fetch import OPT_OUT, USER_AGENT, FetchPolicy
 
 from .errors import ConfigError
 
@@ -61,6 +65,27 @@ class EmbedConfig:
 
 
 @dataclass
+class AcquireConfig:
+    # How URL candidates are fetched (the acquire stage). Hashed: which URLs may be fetched
+    # decides which images a shift holds.
+    allow_private: bool = False  # private/loopback/link-local hosts (refused by default: SSRF)
+    allow_networks: list[str] = field(default_factory=list)  # CIDRs allowed even if private
+    threads: int = 16  # URLs in flight per worker
+    per_host: int = 16  # in flight to one host
+    timeout: float = 10.0  # read timeout, seconds
+    retries: int = 2  # on timeouts, connection errors, 429 and 5xx
+    respect_opt_out: bool = True  # X-Robots-Tag noai / noimageai / none
+    user_agent: str = USER_AGENT
+
+    def policy(self) -> FetchPolicy:
+        return FetchPolicy(
+            read_timeout=self.timeout, retries=self.retries, per_host=self.per_host,
+            allow_private=self.allow_private, allow_networks=tuple(self.allow_networks),
+            opt_out=OPT_OUT if self.respect_opt_out else (), user_agent=self.user_agent,
+        )  # fmt: skip
+
+
+@dataclass
 class ShardsConfig:
     samples_per_shard: int = 1000
 
@@ -90,6 +115,7 @@ class ShiftConfig:
     target_per_class: int = 1300
     select: SelectConfig = field(default_factory=SelectConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+    acquire: AcquireConfig = field(default_factory=AcquireConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -114,6 +140,14 @@ CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "select.near_duplicate_cosine": (lambda v: 0.0 < v <= 1.0, "must lie in (0, 1]"),
     "shards.samples_per_shard": (lambda v: v >= 1, "must be at least 1"),
     "embed.batch_size": (lambda v: v >= 1, "must be at least 1"),
+    "acquire.allow_networks": (
+        lambda v: all(_is_network(n) for n in v),
+        "must list CIDR networks, e.g. 127.0.0.1/32",
+    ),
+    "acquire.threads": (lambda v: v >= 1, "must be at least 1"),
+    "acquire.per_host": (lambda v: v >= 1, "must be at least 1"),
+    "acquire.timeout": (lambda v: v > 0, "must be positive"),
+    "acquire.retries": (lambda v: 0 <= v <= 10, "must lie in 0..10"),
     "image.max_side": (lambda v: v >= 16, "must be at least 16"),
     "image.jpeg_quality": (lambda v: 1 <= v <= 100, "must lie in 1..100"),
     "run.workers": (lambda v: v is None or v >= 1, "must be at least 1"),
@@ -123,6 +157,14 @@ CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
         "must be non-empty letters, digits, '-' or '_'",
     ),
 }
+
+
+def _is_network(text: object) -> bool:
+    try:
+        ipaddress.ip_network(str(text), strict=False)
+    except ValueError:
+        return False
+    return True
 
 
 def _type_name(tp: Any) -> str:

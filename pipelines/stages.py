@@ -21,7 +21,7 @@ from curators.clip_models import ClipEncoder
 from shards.atomic import atomic_write_bytes
 from shards.manifest import SHARDS_DIR
 
-from .acquire import Chunk, fetch_chunk, plan_rounds, status_path, url_candidates
+from .acquire import Chunk, fetch_chunk, make_fetcher, plan_rounds, status_path, url_candidates
 from .candidates import candidates_path, footer_count, unit_work
 from .config import ShiftConfig
 from .embed import embed_work, embedded_path, needs_localizing
@@ -131,7 +131,10 @@ STAGES: list[Stage] = [
         "acquire",
         units=_acquire_units,
         done=lambda run, c: status_path(run.work.acquired, c.id).exists(),
-        work=lambda run: partial(fetch_chunk, run.work.acquired, run.work.root, FETCH_THREADS),
+        work=lambda run: partial(
+            fetch_chunk, run.work.acquired, run.work.root, run.config.acquire.threads
+        ),
+        setup=lambda run: partial(make_fetcher, run.config.acquire.policy()),
     ),
     Stage(
         "embed",
@@ -208,9 +211,6 @@ def run_stage(executor, stage: Stage, run: Run) -> dict:
         "run": ran,
         "samples": sum(int(r.get("samples", 0)) for r in results),
     }
-
-
-FETCH_THREADS = 16  # in flight per acquire unit: the network, not the CPU, sets the pace
 
 
 def _none() -> None:

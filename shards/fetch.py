@@ -1,20 +1,54 @@
-"""A simple HTTP fetcher: one URL in, its bytes or a reason out. Knows nothing of classes.
+"""The HTTP engine: one URL in, its bytes or a classified failure out. Knows nothing of classes.
 
-Bounded: a connect/read timeout, a maximum body size enforced while streaming, a few retries
-with backoff on transient failures (connection errors, timeouts, 429, 5xx). Anything else (a
-404, a wrong content type) fails at once. The acquire stage calls it from a thread pool; the
-downloader issue replaces it with a faster engine behind the same function.
+Safe by default: http/https only; every hop's host is resolved once and the address checked
+(private, loopback, link-local, metadata and other non-global addresses are refused unless
+allowed) and then connected to directly, so DNS cannot answer differently after the check;
+redirects capped; the body size bounded while streaming; `X-Robots-Tag: noai` (and the other
+opt-out values img2dataset honours) refused. Transient failures (timeouts, connection errors,
+429, 5xx, a body cut short) are retried with exponential backoff and jitter, honouring
+`Retry-After`; everything else fails at once. Concurrency is the caller's (a thread pool);
+``Fetcher`` adds a per-host limit.
 """
 
 from __future__ import annotations
 
+import http.client
+import ipaddress
+import random
+import socket
+import ssl
+import threading
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from urllib.parse import urljoin, urlsplit
 
-USER_AGENT = "imagenetpp/0.1 (+https://github.com/imagenetpp)"
-TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
+USER_AGENT = "imagenetpp/0.1 (+https://github.com/imagenetpp/imagenetpp)"
+TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
+OPT_OUT = ("noai", "noimageai", "none")  # X-Robots-Tag values img2dataset honours
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+# Error kinds a later --retry-failed tries again; the others (404, not an image) never change.
+TRANSIENT_KINDS = frozenset({"timeout", "connection", "dns", "http_transient", "cut"})
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    connect_timeout: float = 5.0
+    read_timeout: float = 10.0
+    retries: int = 2
+    backoff: float = 0.5  # first wait; doubles, with +-50% jitter
+    max_wait: float = 30.0  # a Retry-After longer than this ends the URL (a transient failure)
+    max_bytes: int = 20 << 20
+    max_redirects: int = 5
+    user_agent: str = USER_AGENT
+    per_host: int = 16  # requests in flight to one host
+    allow_private: bool = False  # private, loopback, link-local, ... addresses
+    allow_networks: tuple[str, ...] = ()  # CIDRs allowed even when private, e.g. 127.0.0.1/32
+    opt_out: tuple[str, ...] = OPT_OUT  # () to ignore X-Robots-Tag
+
+    def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(n, strict=False) for n in self.allow_networks]
 
 
 @dataclass(frozen=True)
@@ -22,52 +56,184 @@ class Fetched:
     url: str
     data: bytes | None  # None when it failed
     status: str  # ok | error
-    error: str | None = None
+    error: str | None = None  # a readable reason
     http_status: int | None = None
-    transient: bool = False  # worth retrying later (timeouts, 429, 5xx)
+    kind: str | None = None  # the error's kind: http, timeout, blocked_address, opt_out, ...
+    content_type: str | None = None
+    headers: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def transient(self) -> bool:
+        return self.kind in TRANSIENT_KINDS
 
 
-def fetch_url(
-    url: str,
-    timeout: float = 10.0,
-    max_bytes: int = 20 << 20,
-    retries: int = 2,
-    backoff: float = 0.2,
-) -> Fetched:
-    """GET ``url``; never raises for what the network or the server does."""
-    if not url.startswith(("http://", "https://")):
-        return Fetched(url, None, "error", f"unsupported scheme: {url.split(':', 1)[0]}")
-    last = Fetched(url, None, "error", "not tried")
-    for attempt in range(retries + 1):
-        if attempt:
-            time.sleep(backoff * 2 ** (attempt - 1))
-        last = _fetch_once(url, timeout, max_bytes)
-        if last.status == "ok" or not last.transient:
-            return last
-    return last
+def address_refusal(ip: str, policy: FetchPolicy) -> str | None:
+    """Why connecting to ``ip`` is refused under ``policy``, or None when it is allowed."""
+    addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    if any(addr in net for net in policy.networks()):
+        return None
+    if addr.is_global and not addr.is_multicast:
+        return None
+    if policy.allow_private and (addr.is_private or addr.is_loopback or addr.is_link_local):
+        if str(addr) not in ("169.254.169.254", "fd00:ec2::254"):  # cloud metadata: never
+            return None
+    what = (
+        "loopback" if addr.is_loopback else "link-local" if addr.is_link_local
+        else "private" if addr.is_private else "non-global"
+    )  # fmt: skip
+    return f"{what} address {addr} refused (allow it with --allow-private or an allowed network)"
 
 
-def _fetch_once(url: str, timeout: float, max_bytes: int) -> Fetched:
-    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+class Fetcher:
+    """fetch(url) for many threads: a per-host limit shared by all of them."""
+
+    def __init__(self, policy: FetchPolicy | None = None) -> None:
+        self.policy = policy or FetchPolicy()
+        self._hosts: dict[str, threading.Semaphore] = defaultdict(
+            lambda: threading.Semaphore(self.policy.per_host)
+        )
+        self._lock = threading.Lock()
+
+    def _host_slot(self, url: str) -> threading.Semaphore:
+        with self._lock:
+            return self._hosts[(urlsplit(url).hostname or "").lower()]
+
+    def fetch(self, url: str) -> Fetched:
+        """GET ``url`` with retries; never raises for what the network or the server does."""
+        policy = self.policy
+        last = Fetched(url, None, "error", "not tried", kind="connection")
+        for attempt in range(policy.retries + 1):
+            with self._host_slot(url):
+                last = _fetch_once(url, policy)
+            if last.status == "ok" or not last.transient or attempt == policy.retries:
+                return last
+            wait = _retry_after(last.headers.get("retry-after"))
+            if wait is None:
+                wait = policy.backoff * 2**attempt * random.uniform(0.5, 1.5)
+            if wait > policy.max_wait:
+                return last
+            time.sleep(wait)
+        return last
+
+
+def fetch_url(url: str, policy: FetchPolicy | None = None) -> Fetched:
+    """One URL with a fetcher of its own (no per-host limit shared with others)."""
+    return Fetcher(policy).fetch(url)
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            declared = response.headers.get("Content-Length")
-            if declared and declared.isdigit() and int(declared) > max_bytes:
-                return Fetched(url, None, "error", f"too large: {declared} bytes", response.status)
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def _fail(url: str, kind: str, error: str, status: int | None = None, **kw) -> Fetched:
+    return Fetched(url, None, "error", error, status, kind, **kw)
+
+
+def _fetch_once(url: str, policy: FetchPolicy) -> Fetched:
+    original = url
+    for _hop in range(policy.max_redirects + 1):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https"):
+            return _fail(original, "scheme", f"unsupported scheme: {parts.scheme or 'none'}")
+        host = parts.hostname
+        if not host:
+            return _fail(original, "bad_url", "no host in URL")
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except ValueError as e:
+            return _fail(original, "bad_url", f"bad URL: {e}")
+        except OSError as e:
+            return _fail(original, "dns", f"cannot resolve {host}: {e}")
+        ip = infos[0][4][0]
+        refusal = address_refusal(ip, policy)
+        if refusal:
+            return _fail(original, "blocked_address", f"{host}: {refusal}")
+        conn = _connection(parts.scheme, host, ip, port, policy)
+        try:
+            path = parts.path or "/"
+            if parts.query:
+                path += "?" + parts.query
+            conn.request("GET", path, headers={
+                "Host": parts.netloc.rsplit("@", 1)[-1], "User-Agent": policy.user_agent,
+                "Accept": "image/*,*/*;q=0.8", "Accept-Encoding": "identity",
+            })  # fmt: skip
+            resp = conn.getresponse()
+            headers = {k.lower(): v for k, v in resp.getheaders()}
+            if resp.status in REDIRECTS and headers.get("location"):
+                url = urljoin(url, headers["location"])
+                continue
+            if resp.status != 200:
+                kind = "http_transient" if resp.status in TRANSIENT_HTTP else "http"
+                return _fail(original, kind, f"HTTP {resp.status}", resp.status, headers=headers)
+            tags = {t.strip().lower() for t in headers.get("x-robots-tag", "").replace(":", ",").split(",")}  # fmt: skip
+            if policy.opt_out and tags & set(policy.opt_out):
+                return _fail(original, "opt_out", f"opted out: X-Robots-Tag {headers['x-robots-tag']}", 200)  # fmt: skip
+            ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype and not ctype.startswith("image/") and ctype not in _BINARY:
+                return _fail(original, "content_type", f"wrong content type: {ctype}", 200)
+            declared = headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > policy.max_bytes:
+                return _fail(original, "too_large", f"too large: {declared} bytes", 200)
             chunks, size = [], 0
-            while chunk := response.read(65536):
+            while chunk := resp.read(65536):
                 size += len(chunk)
-                if size > max_bytes:
-                    return Fetched(url, None, "error", f"too large: over {max_bytes} bytes", response.status)  # fmt: skip
+                if size > policy.max_bytes:
+                    return _fail(original, "too_large", f"too large: over {policy.max_bytes} bytes", 200)  # fmt: skip
                 chunks.append(chunk)
             data = b"".join(chunks)
-            if declared and declared.isdigit() and len(data) != int(declared):
-                return Fetched(url, None, "error", "body cut short", response.status, True)
-            return Fetched(url, data, "ok", None, response.status)
-    except urllib.error.HTTPError as e:
-        return Fetched(url, None, "error", f"HTTP {e.code}", e.code, e.code in TRANSIENT_HTTP)
-    except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        return Fetched(url, None, "error", f"{type(reason).__name__}: {reason}", None, True)
-    except Exception as e:  # noqa: BLE001  http.client raises IncompleteRead and others
-        return Fetched(url, None, "error", f"{type(e).__name__}: {e}", None, True)
+            if declared.isdigit() and len(data) != int(declared):
+                return _fail(original, "cut", "body cut short", 200)
+            return Fetched(original, data, "ok", None, 200, None, ctype or None, headers)
+        except TimeoutError as e:
+            return _fail(original, "timeout", f"timed out: {e}")
+        except http.client.IncompleteRead:
+            return _fail(original, "cut", "body cut short", 200)
+        except (OSError, http.client.HTTPException) as e:
+            return _fail(original, "connection", f"{type(e).__name__}: {e}")
+        finally:
+            conn.close()
+    return _fail(original, "redirects", f"more than {policy.max_redirects} redirects")
+
+
+_BINARY = frozenset({"application/octet-stream", "binary/octet-stream", "application/binary"})
+
+
+class _PinnedHTTP(http.client.HTTPConnection):
+    """Connects to the address already checked, whatever DNS would answer now."""
+
+    def __init__(self, ip: str, port: int, policy: FetchPolicy) -> None:
+        super().__init__(ip, port, timeout=policy.connect_timeout)
+        self._read_timeout = policy.read_timeout
+
+    def connect(self) -> None:
+        super().connect()
+        self.sock.settimeout(self._read_timeout)
+
+
+class _PinnedHTTPS(http.client.HTTPSConnection):
+    def __init__(self, host: str, ip: str, port: int, policy: FetchPolicy) -> None:
+        super().__init__(ip, port, timeout=policy.connect_timeout, context=ssl.create_default_context())  # fmt: skip
+        self._server_name = host
+        self._read_timeout = policy.read_timeout
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self.host, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self._server_name)
+        self.sock.settimeout(self._read_timeout)
+
+
+def _connection(scheme: str, host: str, ip: str, port: int, policy: FetchPolicy):
+    if scheme == "https":
+        return _PinnedHTTPS(host, ip, port, policy)
+    return _PinnedHTTP(ip, port, policy)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageOps
 
 
@@ -46,3 +48,110 @@ def encode_jpeg(img: Image.Image, max_side: int, quality: int) -> EncodedImage:
 
 def reencode(data: bytes, max_side: int, quality: int) -> EncodedImage:
     return encode_jpeg(decode(data), max_side, quality)
+
+
+RESIZE_MODES = ("keep_ratio", "keep_ratio_largest", "center_crop", "border", "no")
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    """How the downloader stores an image (img2dataset's resize modes and names):
+    keep_ratio: the smaller side becomes image_size; keep_ratio_largest: the larger side;
+    center_crop: smaller side to image_size, then the centre square; border: fit inside a
+    white image_size square; no: as decoded. Never enlarges unless ``upscale``."""
+
+    resize_mode: str = "keep_ratio_largest"
+    image_size: int = 512
+    jpeg_quality: int = 95
+    max_pixels: int = 64_000_000  # above this a header alone refuses it (decompression bomb)
+    min_side: int = 8
+    upscale: bool = False
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    data: bytes
+    width: int
+    height: int
+    original_width: int
+    original_height: int
+
+
+def store_image(data: bytes, policy: ImagePolicy) -> StoredImage:
+    """Decode (at reduced scale where the target is smaller: JPEG DCT scaling), check, orient
+    by EXIF, flatten to RGB (CMYK, palette, 16-bit, alpha on white), resize, encode as JPEG.
+    Raises BadImage with the reason."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size  # the header only: nothing decoded yet
+            if width * height > policy.max_pixels:
+                raise BadImage(f"decompression bomb: {width}x{height} pixels over {policy.max_pixels}")  # fmt: skip
+            if min(width, height) < policy.min_side:
+                raise BadImage(f"too small: {width}x{height}")
+            target = _target_size(width, height, policy)
+            if img.format == "JPEG" and target != (width, height):
+                img.draft("RGB" if img.mode != "L" else "L", target)  # decodes 1/2..1/8 scale
+            img.load()  # raises on truncated data rather than padding with grey
+            turned = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientation: 90 deg
+            img = ImageOps.exif_transpose(img)
+            rgb = _flatten(img)
+    except BadImage:
+        raise
+    except Image.UnidentifiedImageError:
+        raise BadImage("not a recognised image format") from None
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"decompression bomb: {e}") from None
+    except Exception as e:  # noqa: BLE001  PIL raises many types for bad input
+        raise BadImage(f"{type(e).__name__}: {e}") from None
+    orig = (height, width) if turned else (width, height)  # as a viewer shows it
+    out = _resize(rgb, orig, policy)
+    buf = io.BytesIO()
+    out.save(buf, format="JPEG", quality=policy.jpeg_quality)
+    return StoredImage(buf.getvalue(), out.size[0], out.size[1], orig[0], orig[1])
+
+
+def _target_size(width: int, height: int, policy: ImagePolicy) -> tuple[int, int]:
+    """The decoded size the resize needs (an upper bound for JPEG draft)."""
+    if policy.resize_mode == "no":
+        return width, height
+    side = max(width, height) if policy.resize_mode in ("keep_ratio_largest", "border") else min(width, height)  # fmt: skip
+    scale = policy.image_size / side
+    if scale >= 1.0:
+        return width, height
+    return max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))
+
+
+def _flatten(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.uint32)
+        top = 65535 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255
+        img = Image.fromarray((arr * 255 // max(top, 1)).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info or img.mode in ("PA", "P"):
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _resize(img: Image.Image, orig: tuple[int, int], policy: ImagePolicy) -> Image.Image:
+    mode, size = policy.resize_mode, policy.image_size
+    if mode == "no":
+        return img
+    w, h = orig  # scale from the original size: a draft-decoded image is already smaller
+    side = max(w, h) if mode in ("keep_ratio_largest", "border") else min(w, h)
+    scale = size / side
+    if scale > 1.0 and not policy.upscale:
+        scale = 1.0
+    new = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if new != img.size:
+        img = img.resize(new, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    if mode == "center_crop" and min(new) >= size:
+        left, top = (new[0] - size) // 2, (new[1] - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    elif mode == "border":
+        canvas = Image.new("RGB", (size, size), (255, 255, 255))
+        canvas.paste(img, ((size - img.size[0]) // 2, (size - img.size[1]) // 2))
+        img = canvas
+    return img

@@ -25,6 +25,7 @@ from .conftest import CLI, REPO, run_cli
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}  # Ray workers import tests.fake_curators too
 DEMO_CONFIGS = {"clip_knn": REPO / "configs" / "demo_knn_img.yaml"}
 WNIDS = ["n01443537", "n01614925", "n02007558"]  # labels 1, 22, 130
+LOOPBACK = {"allow_networks": ["127.0.0.1/32"]}  # the test server; private hosts are refused
 
 
 def samples(shift: Path) -> dict[str, tuple]:
@@ -265,7 +266,7 @@ def test_url_candidates_are_fetched_in_rounds_and_dead_links_replaced(tmp_path):
                                 "score": 1.0 - rank / 100})  # fmt: skip
         (tmp_path / "urls.json").write_text(json.dumps(listing))
         curator = {"name": "tests.fake_curators:UrlCurator", "params": {"listing": str(tmp_path / "urls.json")}}  # fmt: skip
-        config = write_config(tmp_path / "c.yaml", curator, target=4)
+        config = write_config(tmp_path / "c.yaml", curator, target=4, acquire=LOOPBACK)
         proc = curate(config, tmp_path)
         assert proc.returncode == 0, proc.stderr
         hits = dict(server.hits)
@@ -310,7 +311,7 @@ def test_acquire_killed_midway_resumes_to_the_same_bytes(tmp_path):
             row["url"] = server.url(*row["url"].split("/"))
         (tmp_path / "urls.json").write_text(json.dumps(listing))
         curator = {"name": "tests.fake_curators:UrlCurator", "params": {"listing": str(tmp_path / "urls.json")}}  # fmt: skip
-        config = write_config(tmp_path / "c.yaml", curator, target=100)
+        config = write_config(tmp_path / "c.yaml", curator, target=100, acquire=LOOPBACK)
         assert curate(config, tmp_path / "clean").returncode == 0
         server.hits.clear()
 
@@ -337,3 +338,26 @@ def test_acquire_killed_midway_resumes_to_the_same_bytes(tmp_path):
         paths = {u.split(str(server.port), 1)[1] for u in urls}
         assert not any(after.get(p) for p in paths)
     assert run_cli("verify", str(tmp_path / "killed" / "fake")).returncode == 0
+
+
+def test_private_hosts_are_refused_unless_allowed(tmp_path):
+    # The same loopback URLs without the allowance: every fetch is refused before connecting.
+    from .http_server import FaultServer
+
+    with FaultServer({}) as server:
+        listing = [{"label": 1, "url": server.url("img", f"p{i}"), "score": 1.0} for i in range(3)]
+        (tmp_path / "urls.json").write_text(json.dumps(listing))
+        curator = {"name": "tests.fake_curators:UrlCurator", "params": {"listing": str(tmp_path / "urls.json")}}  # fmt: skip
+        config = write_config(tmp_path / "c.yaml", curator, target=2)
+        proc = curate(config, tmp_path, "--executor", "local")
+        hits = sum(server.hits.values())
+    assert hits == 0  # nothing reached the server
+    statuses = [
+        row
+        for path in (tmp_path / "fake" / "_work" / "acquire").glob("*.parquet")
+        for row in __import__("pyarrow.parquet").parquet.read_table(path).to_pylist()
+    ]
+    assert len(statuses) == 3 and all(
+        "loopback address 127.0.0.1 refused" in r["error"] for r in statuses
+    )
+    assert proc.returncode in (0, 1) and "Traceback" not in proc.stderr
