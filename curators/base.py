@@ -103,3 +103,6 @@ class Curator(Protocol):
     def units(self, classes: Sequence[ImageNetClass]) -> list[Unit]: ...
 
     def candidates(self, unit: Unit) -> Iterable[Candidate]: ...
+
+    # Optional: embedding_model() -> (open_clip model, weights), the CLIP model that embeds
+    # candidates returned without an embedding when the config names none (`embed`).

@@ -309,16 +309,55 @@ def _take_rows(arrays: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(out))
 
 
-class PoolIndex:
-    """A finished index opened for querying: faiss search plus row metadata and embeddings."""
+def is_url_index(root: str | os.PathLike) -> bool:
+    """An index in clip-retrieval's published layout (LAION-5B's): image.index and metadata
+    parquet parts (url, caption) whose rows follow the index's ids, no pool tars, no
+    index_info.json. Its pixels are URLs; its model is the user's to name."""
+    root = Path(root)
+    return (
+        not (root / INFO).exists()
+        and (root / FAISS_FILE).exists()
+        and any((root / "metadata").glob("*.parquet"))
+    )
 
-    def __init__(self, root: str | os.PathLike, nprobe: int = 16) -> None:
+
+def _url_index_info(root: Path, index, model: str | None, pretrained: str | None) -> IndexInfo:
+    if not model:
+        raise ResourceError(
+            f"{root} is a clip-retrieval index (no {INFO}): name its CLIP model and weights "
+            "(curator.params.model and pretrained)"
+        )
+    return IndexInfo(
+        model=model, pretrained=pretrained, dim=int(index.d), count=int(index.ntotal),
+        factory="(clip-retrieval)", parts=len(list((root / "metadata").glob("*.parquet"))),
+        skipped=0, pool=root.name, dedup_cosine=None, weights=None,
+    )  # fmt: skip
+
+
+class PoolIndex:
+    """A finished index opened for querying: faiss search plus row metadata and embeddings.
+
+    Also opens a clip-retrieval index (is_url_index): rows then carry URLs and no pool
+    location, and embeddings only where img_emb parts exist."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        nprobe: int = 16,
+        model: str | None = None,
+        pretrained: str | None = None,
+    ) -> None:
         import faiss
 
         self.root = Path(root)
-        self.info = read_info(root)
         path = self.root / FAISS_FILE
-        self.faiss = open_faiss_shared(path)
+        self.urls_only = is_url_index(root)
+        if self.urls_only:
+            self.faiss = open_faiss_shared(path)
+            self.info = _url_index_info(self.root, self.faiss, model, pretrained)
+        else:
+            self.info = read_info(root)
+            self.faiss = open_faiss_shared(path)
         if (self.faiss.ntotal, self.faiss.d) != (self.info.count, self.info.dim):
             raise ResourceError(
                 f"{path} holds {self.faiss.ntotal} vectors of dim {self.faiss.d}, but {INFO} "
@@ -335,6 +374,8 @@ class PoolIndex:
 
     def _open_rows(self) -> None:
         root = self.root
+        if self.urls_only:
+            return self._open_url_rows()
         parts = [part_paths(root, i) for i in range(self.info.parts)]
         arrow = self.root / METADATA_ARROW
         if arrow.exists():  # zero-copy: take() touches only the pages of the rows it returns
@@ -352,6 +393,39 @@ class PoolIndex:
                 f"{self.metadata.num_rows} metadata rows, {self._offsets[-1]} embeddings, "
                 f"{self.faiss.ntotal} indexed vectors"
             )
+
+    def _open_url_rows(self) -> None:
+        """Metadata parts in name order (clip-retrieval's row order), fitted to our schema:
+        missing columns are null, a missing key is the row number."""
+        tables = []
+        for path in sorted((self.root / "metadata").glob("*.parquet")):
+            t = pq.read_table(path)
+            if "url" not in t.column_names:
+                raise ValueError(f"{path.name} has no url column")
+            tables.append(t)
+        table = pa.concat_tables(tables, promote_options="permissive")
+        n = table.num_rows
+        cols = {}
+        for name in METADATA_SCHEMA.names:
+            if name in table.column_names:
+                cols[name] = table[name].cast(METADATA_SCHEMA.field(name).type)
+            elif name == "key":
+                cols[name] = pa.array([f"{i:09d}" for i in range(n)], pa.string())
+            else:
+                cols[name] = pa.nulls(n, METADATA_SCHEMA.field(name).type)
+        self.metadata = pa.table(cols, schema=METADATA_SCHEMA)
+        parts = sorted((self.root / "img_emb").glob("*.npy"))
+        self._emb = [np.load(p, mmap_mode="r") for p in parts]
+        self._offsets = np.cumsum([0] + [a.shape[0] for a in self._emb])
+        if self._emb and self._offsets[-1] != n:
+            raise ValueError(f"{n} metadata rows but {self._offsets[-1]} embeddings")
+        self.dup_groups = None
+        if n != self.faiss.ntotal:
+            raise ValueError(f"{n} metadata rows, {self.faiss.ntotal} indexed vectors")
+
+    @property
+    def has_embeddings(self) -> bool:
+        return bool(self._emb)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         k = min(k, self.faiss.ntotal)

@@ -47,10 +47,16 @@ class ClipKnnParams:
 
     def check(self) -> dict[str, str]:
         """Problems with the resources the params name, keyed by param name."""
-        from .knn_index import INFO, read_info
+        from .knn_index import INFO, is_url_index, read_info
 
         problems = {}
-        if not (Path(self.index) / INFO).is_file():
+        if is_url_index(self.index):
+            if not self.model:
+                problems["model"] = (
+                    f"{self.index} is a clip-retrieval index (no {INFO}): name the CLIP model "
+                    "that embedded it, and its weights (pretrained)"
+                )
+        elif not (Path(self.index) / INFO).is_file():
             problems["index"] = f"no finished index at {self.index}"
         else:
             try:
@@ -104,7 +110,7 @@ class ClipKnnCurator:
         from .knn_index import PoolIndex
 
         params = self.params
-        index = PoolIndex(params.index, nprobe=params.nprobe)
+        index = PoolIndex(params.index, params.nprobe, params.model, params.pretrained)
         model = params.model or index.info.model
         pretrained = params.pretrained if params.model else index.info.pretrained
         encoder = ClipEncoder(model, pretrained, params.device, params.batch_size)
@@ -125,6 +131,17 @@ class ClipKnnCurator:
         if self._encoder is None:
             self._load()
         return self._encoder
+
+    def embedding_model(self) -> tuple[str, str | None]:
+        """The CLIP model (and weights) that embeds this shift's fetched images: the index's."""
+        from .knn_index import is_url_index, read_info
+
+        if self.params.model:
+            return self.params.model, self.params.pretrained
+        if is_url_index(self.params.index):
+            raise ResourceError(f"{self.params.index}: a clip-retrieval index needs params.model")
+        info = read_info(self.params.index)
+        return info.model, info.pretrained
 
     @property
     def model(self) -> dict[str, str | None]:
@@ -177,10 +194,15 @@ class ClipKnnCurator:
         ranked = sorted(best.items(), key=lambda kv: (-kv[1][0], kv[0]))[: p.max_candidates]
         rows = np.array([r for r, _ in ranked], dtype=np.int64)
         meta = self.index.rows(rows)
-        emb = self.index.embeddings(rows)
+        # A URL index without img_emb parts: the embed stage embeds what acquire fetched.
+        emb = self.index.embeddings(rows) if self.index.has_embeddings else [None] * len(rows)
         groups = self.index.dup_groups
         out = []
         for (row, (score, q)), m, e in zip(ranked, meta, emb, strict=True):
+            if m["shard"] is None:
+                locator = {"kind": "url", "url": m["url"]}
+            else:
+                locator = {"kind": "tar", "path": m["shard"], "offset": m["offset"], "size": m["size"]}  # fmt: skip
             out.append(
                 Candidate(
                     label=cls.index,
@@ -196,12 +218,7 @@ class ClipKnnCurator:
                     duplicate_group=None
                     if groups is None
                     else f"{self.index.info.pool}:{groups[row]}",
-                    locator={
-                        "kind": "tar",
-                        "path": m["shard"],
-                        "offset": m["offset"],
-                        "size": m["size"],
-                    },
+                    locator=locator,
                     embedding=e,
                 )
             )

@@ -103,15 +103,25 @@ def _embed_units(run: Run) -> list[Unit] | None:
     acquire = _acquire_units(run)
     if paths is None or acquire is None or not all(status_path(run.work.acquired, c.id).exists() for c in acquire):  # fmt: skip
         return None
-    model = run.config.embed.model
-    return [u for u, p in zip(run.units, paths, strict=True) if needs_localizing(p, model)]
+    model = _embed_model(run)
+    return [u for u, p in zip(run.units, paths, strict=True) if needs_localizing(p, model and model[0])]  # fmt: skip
+
+
+def _embed_model(run: Run) -> tuple[str, str | None] | None:
+    """The shift's CLIP model: config ``embed``, else the curator's own (a kNN curator's)."""
+    e = run.config.embed
+    if e.model:
+        return e.model, e.pretrained
+    own = getattr(run.curator, "embedding_model", None)
+    return own() if callable(own) else None
 
 
 def _embed_setup(run: Run):
-    e = run.config.embed
-    if not e.model:
+    model = _embed_model(run)
+    if model is None:
         return None
-    return partial(ClipEncoder, e.model, e.pretrained, e.device, e.batch_size)
+    e = run.config.embed
+    return partial(ClipEncoder, model[0], model[1], e.device, e.batch_size)
 
 
 def _plans(run: Run) -> list[Path] | None:
@@ -134,7 +144,7 @@ STAGES: list[Stage] = [
         work=lambda run: partial(
             fetch_chunk, run.work.acquired, run.work.root, run.config.acquire.threads
         ),
-        setup=lambda run: partial(make_fetcher, run.config.acquire.policy()),
+        setup=lambda run: partial(make_fetcher, run.config.acquire.policy(run.config.run.resolve)),
     ),
     Stage(
         "embed",
@@ -142,7 +152,7 @@ STAGES: list[Stage] = [
         done=lambda run, u: embedded_path(run.work.embedded, u).exists(),
         work=lambda run: partial(embed_work, run.work, run.work.acquired),
         setup=_embed_setup,
-        resources=lambda run: Resources(cpus=1.0, gpus=1.0 if run.config.embed.model else 0.0),
+        resources=lambda run: Resources(cpus=1.0, gpus=1.0 if _embed_model(run) else 0.0),
     ),
     Stage(
         "select",
