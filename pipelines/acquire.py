@@ -57,8 +57,8 @@ def status_path(folder: Path, chunk_id: str) -> Path:
     return folder / f"{chunk_id}.parquet"
 
 
-def url_candidates(paths: list[Path]) -> dict[int, list[str]]:
-    """label -> its URL candidates' URLs, best first (score, then source id)."""
+def url_candidates(paths: list[Path]) -> dict[int, list[tuple[str, float]]]:
+    """label -> its URL candidates' (URL, score), best first (score, then source id)."""
     ranked: dict[int, list[tuple[float, str, str]]] = {}
     for path in paths:
         t = pq.read_table(path, columns=["label", "score", "source_id", "locator"])
@@ -66,7 +66,7 @@ def url_candidates(paths: list[Path]) -> dict[int, list[str]]:
             locator = json.loads(loc)
             if locator.get("kind") == "url":
                 ranked.setdefault(label, []).append((-score, sid, locator["url"]))
-    return {label: [u for _, _, u in sorted(rows)] for label, rows in ranked.items()}
+    return {label: [(u, -s) for s, _, u in sorted(rows)] for label, rows in ranked.items()}
 
 
 def read_statuses(folder: Path, chunk_ids: list[str]) -> dict[str, dict]:
@@ -78,25 +78,43 @@ def read_statuses(folder: Path, chunk_ids: list[str]) -> dict[str, dict]:
 
 
 def plan_rounds(
-    ranked: dict[int, list[str]], target: int, folder: Path, chunk: int = CHUNK
+    scored: dict[int, list[tuple[str, float]]], target: int, folder: Path, chunk: int = CHUNK
 ) -> Iterator[list[Chunk]]:
     """Each round's chunks, given the committed statuses of the rounds before it. Stops after
     the first round that is not fully committed (its chunks are what must run next)."""
+    ranked = {label: [u for u, _ in rows] for label, rows in scored.items()}
     asked: set[str] = set()
     cursor = {label: 0 for label in ranked}
     want = {label: target + math.ceil(MARGIN * target) for label in ranked}
     statuses: dict[str, dict] = {}
+    # Select gives an image to the class scoring it highest (ties: the lower label): a URL
+    # fetched for a class that scores it lower does not fill this one.
+    owner: dict[str, tuple[float, int]] = {}
+    for label in sorted(scored):
+        for url, score in scored[label]:
+            if url not in owner or score > owner[url][0]:
+                owner[url] = (score, label)
+
+    def usable(label: int) -> int:
+        """Fetched images this class will keep: its own by claim, one per distinct picture."""
+        seen: set[str] = set()
+        for u in ranked[label][: cursor[label]]:
+            st = statuses.get(u, {})
+            if st.get("status") == "ok" and owner[u][1] == label:
+                seen.add(st.get("sha256") or u)
+        return len(seen)
+
     for r in range(1, 1000):
         urls: list[str] = []
         for label in sorted(ranked):
-            ok = sum(statuses.get(u, {}).get("status") == "ok" for u in ranked[label][: cursor[label]])  # fmt: skip
-            need = (want[label] if r == 1 else target) - ok
+            ok = usable(label)
+            need = want[label] - ok  # the margin stays: near duplicates are found only later
             while need > 0 and cursor[label] < len(ranked[label]):
                 url = ranked[label][cursor[label]]
                 cursor[label] += 1
                 if url in asked or url in urls:
-                    if statuses.get(url, {}).get("status") == "ok":
-                        need -= 1  # fetched for another class already: counts here too
+                    if statuses.get(url, {}).get("status") == "ok" and owner[url][1] == label:
+                        need -= 1  # fetched for another class already, but this one keeps it
                     continue
                 urls.append(url)
                 need -= 1
