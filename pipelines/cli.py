@@ -13,7 +13,8 @@ from .errors import PartialFailure, UserError
 
 DESCRIPTION = """Build class-balanced ImageNet-sized training-data shifts with per-sample
 provenance. Start with `imagenetpp demo`; `imagenetpp COMMAND --help` for each command."""
-DEMO_CONFIG = "demo_knn_img"  # a shipped config (configs/), found wherever the package is
+# Shipped configs (configs/), found wherever the package is installed: one per curator path.
+DEMO_CONFIGS = ("demo_knn_img", "demo_knn_url")
 
 
 class _Formatter(argparse.HelpFormatter):
@@ -78,8 +79,32 @@ def cmd_curate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    args.config = DEMO_CONFIG  # the world is built once the config and options check out
-    return cmd_curate(args)
+    """Every demo shift (one per curator path) on the demo world, then a side-by-side table.
+    The demo pool is served on a loopback port for the URL shift's acquire stage."""
+    from .config import load_config
+    from .curate import curate
+    from .demo_world import DEMO_POOL_HOST, ensure_demo_world, serve_pool
+    from .executor import check_ray_address
+    from .finalize import compare_table, summary_table
+    from .workdir import check_output
+
+    out = Path(args.out)
+    configs = [load_config(name, _overrides(args), check_resources=False) for name in DEMO_CONFIGS]  # fmt: skip
+    for config in configs:  # everything typed is checked before the world is built
+        check_output(out / config.shift)
+    if configs[0].run.executor == "ray":
+        check_ray_address(configs[0].run.ray_address)
+    manifests = []
+    with serve_pool(ensure_demo_world()) as address:
+        for name in DEMO_CONFIGS:
+            config = load_config(name, _overrides(args))
+            config.run.resolve = {DEMO_POOL_HOST: address}  # how to reach it: not hashed
+            print(f"== {config.shift} ({name}.yaml)", flush=True)
+            manifests.append(curate(config, out))
+            print(summary_table(manifests[-1]))
+            print(f"shards: {out / config.shift / 'shards'}\n", flush=True)
+    print(compare_table(manifests))
+    return 0 if all(m["total_samples"] for m in manifests) else 1
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -245,7 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     _run_options(p)
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("demo", help="build the offline demo world (once) and curate its shift")
+    p = sub.add_parser(
+        "demo", help="build the offline demo world (once), curate its shifts, compare them"
+    )
     p.add_argument("--out", default="out/demo", help="output root")
     p.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override a key of the demo config"

@@ -77,8 +77,9 @@ class AcquireConfig:
     respect_opt_out: bool = True  # X-Robots-Tag noai / noimageai / none
     user_agent: str = USER_AGENT
 
-    def policy(self) -> FetchPolicy:
+    def policy(self, resolve: dict[str, str] | None = None) -> FetchPolicy:
         return FetchPolicy(
+            resolve=tuple(sorted((resolve or {}).items())),
             read_timeout=self.timeout, retries=self.retries, per_host=self.per_host,
             allow_private=self.allow_private, allow_networks=tuple(self.allow_networks),
             opt_out=OPT_OUT if self.respect_opt_out else (), user_agent=self.user_agent,
@@ -104,6 +105,9 @@ class RunConfig:
     ray_address: str | None = None
     workers: int | None = None  # parallel workers per stage; default: the CPUs Ray sees
     progress: bool = True
+    # host -> "ip:port" for fetching URL candidates (as curl --resolve): a mirror answers for
+    # the host the URLs name; the demo serves its pool this way
+    resolve: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -151,12 +155,21 @@ CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "image.max_side": (lambda v: v >= 16, "must be at least 16"),
     "image.jpeg_quality": (lambda v: 1 <= v <= 100, "must lie in 1..100"),
     "run.workers": (lambda v: v is None or v >= 1, "must be at least 1"),
+    "run.resolve": (
+        lambda v: all(_is_host_port(a) for a in v.values()),
+        "must map hosts to 'ip:port'",
+    ),
     "classes.wnids": (lambda v: len(v) >= 1, "must list at least one wnid"),
     "shift": (
         lambda v: bool(v) and all(c.isalnum() or c in "-_" for c in v),
         "must be non-empty letters, digits, '-' or '_'",
     ),
 }
+
+
+def _is_host_port(text: object) -> bool:
+    ip, _, port = str(text).rpartition(":")
+    return _is_network(ip) and port.isdigit() and 0 < int(port) < 65536
 
 
 def _is_network(text: object) -> bool:

@@ -3,11 +3,13 @@
 DEMO ONLY: it exercises the mechanics (index, retrieval, balancing, shards, resume), not the
 quality of a real shift. Built deterministically from a seed and cached:
 
-    <cache>/demo-world-v3-seed0/
+    <cache>/demo-world-v5-seed0/
       pool/pool-0000N.tar     img2dataset-style webdataset: <key>.jpg/.txt/.json
       exemplars/<wnid>/*.JPEG  ImageNet-train layout, the kNN queries
       model/                  imagenetpp-tiny open_clip checkpoint, trained on the pool
       index/                  `imagenetpp index` output over the pool
+      url-index/              the same index in clip-retrieval's layout: URLs, no pixels
+                              (served by serve_pool during the demo)
       ground_truth.parquet    hidden true class of every pool item (-1 for distractors)
       READY                   written last
 
@@ -25,14 +27,17 @@ import math
 import os
 import shutil
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from .errors import ConfigError, UserError
 
-VERSION = 4
+VERSION = 5
 # (ImageNet index, pool items). Banana is scarce so the demo shows a shortfall.
 DEMO_CLASSES = [(1, 240), (22, 240), (130, 240), (291, 240), (340, 240),
                 (417, 240), (430, 240), (508, 240), (949, 240), (954, 60)]  # fmt: skip
@@ -46,7 +51,11 @@ CAPTION_TEMPLATES = ("a photo of a {}", "a picture of a {}", "{} in the wild", "
 NO_CLASS_CAPTIONS = ("untitled", "a nice day", "photo", "IMG 2231", "view from the window")
 
 
-DEMO_PARTS = ("index", "exemplars", "pool", "model", "ground_truth.parquet")
+DEMO_PARTS = ("index", "url-index", "exemplars", "pool", "model", "ground_truth.parquet")
+# The host the URL index names: the demo serves the pool for it on a loopback port
+# (run.resolve), so URLs, and the provenance recording them, never name the port.
+DEMO_POOL_HOST = "demo-pool.invalid"
+DEAD_EVERY = 25  # serve_pool answers 404 for one key in 25: acquire replaces them
 
 
 def cache_dir() -> Path:
@@ -69,7 +78,7 @@ def demo_world_ready(seed: int = 0) -> bool:
 def check_demo_name(value: str) -> str:
     """The part a ``demo:`` name refers to; no side effect (the world is not built here)."""
     part = value.removeprefix("demo:")
-    if part not in DEMO_PARTS:
+    if part.split("/", 1)[0] not in DEMO_PARTS or ".." in part.split("/"):
         raise ConfigError(
             f"unknown demo resource {value!r} (known: {', '.join('demo:' + p for p in DEMO_PARTS)})"
         )
@@ -387,6 +396,69 @@ def build_world(root: Path, seed: int, log=print) -> None:
     build_index(LocalExecutor(progress=False), str(root / "pool"), root / "index",
                 "imagenetpp-tiny", str(ckpt), factory="Flat", pool_name="demo-pool",
                 dedup_cosine=0.995)  # fmt: skip
+    _write_url_index(root)
+
+
+def _write_url_index(root: Path) -> None:
+    """The pool's index in clip-retrieval's published layout: image.index and metadata with
+    url and caption only (no pool location, no embeddings), as LAION-5B's is."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (root / "url-index" / "metadata").mkdir(parents=True)
+    shutil.copy(root / "index" / "image.index", root / "url-index" / "image.index")
+    meta = _pool_metadata(root, ["key", "caption"])
+    urls = [f"http://{DEMO_POOL_HOST}/pool/{k}.jpg" for k in meta["key"].to_pylist()]
+    table = pa.table({"url": urls, "caption": meta["caption"], "key": meta["key"]})
+    pq.write_table(table, root / "url-index" / "metadata" / "0_en.parquet")
+
+
+def _pool_metadata(root: Path, columns: list[str]):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = sorted((root / "index" / "metadata").glob("metadata_*.parquet"))
+    return pa.concat_tables([pq.read_table(p, columns=columns) for p in parts])
+
+
+@contextmanager
+def serve_pool(root: Path) -> Iterator[str]:
+    """Serves GET /pool/<key>.jpg from the demo pool's tars on 127.0.0.1 (a free port), in a
+    thread, while the block runs; yields "127.0.0.1:<port>" (for run.resolve). One key in
+    DEAD_EVERY is a dead link (404), so the demo shows acquire replacing them."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    meta = _pool_metadata(root, ["key", "shard", "offset", "size"]).to_pylist()
+    where = {r["key"]: (r["shard"], r["offset"], r["size"]) for r in meta}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            key = self.path.removeprefix("/pool/").removesuffix(".jpg")
+            if key not in where or int(key) % DEAD_EVERY == 7:  # a crawl meets dead links
+                self.send_error(404)
+                return
+            shard, offset, size = where[key]
+            with open(shard, "rb") as f:
+                f.seek(offset)
+                body = f.read(size)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def ensure_demo_world(seed: int = 0, log=None) -> Path:

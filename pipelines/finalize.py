@@ -177,3 +177,25 @@ def summary_table(manifest: dict, limit: int = 40) -> str:
         f"{manifest['skipped']['count']} skipped, {len(manifest['shards'])} shards"
     )
     return "\n".join(out)
+
+
+def compare_table(manifests: list[dict]) -> str:
+    """One row per shift, side by side: what each curation strategy produced."""
+    head = ("shift", "curator", "classes", "samples", "target", "short", "skipped", "urls ok/asked")  # fmt: skip
+    rows = []
+    for m in manifests:
+        acquire = m.get("acquire") or {}
+        urls = f"{acquire.get('fetched', 0)}/{acquire.get('urls', 0)}" if acquire else "-"
+        per = m["per_class"]
+        rows.append((
+            m["shift"], m["curator"]["name"] if isinstance(m["curator"], dict) else str(m["curator"]),
+            str(len(per)), str(m["total_samples"]), str(sum(r["target"] for r in per)),
+            str(sum(r["kept"] < r["target"] for r in per)), str(m["skipped"]["count"]), urls,
+        ))  # fmt: skip
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+
+    def line(r: tuple) -> str:
+        cells = zip(r, widths, strict=True)
+        return "  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(cells))
+
+    return "\n".join([line(head), *map(line, rows)])

@@ -46,6 +46,9 @@ class FetchPolicy:
     allow_private: bool = False  # private, loopback, link-local, ... addresses
     allow_networks: tuple[str, ...] = ()  # CIDRs allowed even when private, e.g. 127.0.0.1/32
     opt_out: tuple[str, ...] = OPT_OUT  # () to ignore X-Robots-Tag
+    # host -> "ip:port", as curl --resolve: a mirror or a local server answers for a host
+    # named in URLs, the URLs (and the provenance that records them) unchanged
+    resolve: tuple[tuple[str, str], ...] = ()
 
     def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         return [ipaddress.ip_network(n, strict=False) for n in self.allow_networks]
@@ -150,12 +153,16 @@ def _fetch_once(url: str, policy: FetchPolicy) -> Fetched:
             return _fail(original, "bad_url", "no host in URL")
         try:
             port = parts.port or (443 if parts.scheme == "https" else 80)
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            pinned = dict(policy.resolve).get(host.lower())
+            if pinned:
+                ip, _, pinned_port = pinned.rpartition(":")
+                port = int(pinned_port)
+            else:
+                ip = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4][0]
         except ValueError as e:
             return _fail(original, "bad_url", f"bad URL: {e}")
         except OSError as e:
             return _fail(original, "dns", f"cannot resolve {host}: {e}")
-        ip = infos[0][4][0]
         refusal = address_refusal(ip, policy)
         if refusal:
             return _fail(original, "blocked_address", f"{host}: {refusal}")

@@ -122,3 +122,36 @@ def test_text_queries_find_the_class(demo_world, tmp_path):
     assert {r["query_kind"] for r in index} == {"text"}
     precision = sum(truth[r["source_id"]] == r["label"] for r in index) / len(index)
     assert precision >= 0.6, precision  # text-image alignment of a one-minute model
+
+
+def test_url_index_shift_downloads_replaces_dead_links_and_is_port_free(demo_world, tmp_path):
+    # The LA1000 path: a clip-retrieval index (URLs, no pixels, no embeddings) -> URL
+    # candidates -> acquire (rounds) -> embed -> select. Two runs served on different ports
+    # give the same bytes: the port is how to reach the host, not part of any sample.
+    from pipelines.demo_world import DEMO_POOL_HOST, serve_pool
+
+    outs = []
+    for run in ("a", "b"):
+        with serve_pool(demo_world) as address:
+            resolve = f"run.resolve={{{DEMO_POOL_HOST}: '{address}'}}"
+            proc = run_cli("curate", "configs/demo_knn_url.yaml", "--out", str(tmp_path / run),
+                           "--executor", "local", "--no-progress", "--set", resolve)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        outs.append(tmp_path / run / "demo-knn-url")
+    a, b = outs
+    assert [p.read_bytes() for p in sorted((a / "shards").glob("*.tar"))] == [
+        p.read_bytes() for p in sorted((b / "shards").glob("*.tar"))
+    ]
+    manifest = json.loads((a / "manifest.json").read_text())
+    assert manifest["total_samples"] == 600 and not manifest["shortfalls"]
+    acquire = manifest["acquire"]
+    assert acquire["failed"] > 0 and acquire["rounds"] >= 2  # dead links were replaced
+    assert manifest["embeddings"]["rows"] == 600  # fetched images embedded by the index model
+    truth = {r["key"]: r["label"] for r in pq.read_table(demo_world / "ground_truth.parquet").to_pylist()}  # fmt: skip
+    right = 0
+    for s in wds.WebDataset(shard_files(a), shardshuffle=False):
+        meta = json.loads(s["json"])
+        assert meta["source"]["url"].startswith(f"http://{DEMO_POOL_HOST}/pool/")
+        right += truth[meta["source"]["id"]] == meta["label"]
+    assert right / 600 >= 0.8
+    assert run_cli("verify", str(a)).returncode == 0
