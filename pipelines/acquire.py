@@ -106,17 +106,19 @@ def plan_rounds(
 
     for r in range(1, 1000):
         urls: list[str] = []
+        this_round: set[str] = set()  # urls as a set: a membership test per candidate
         for label in sorted(ranked):
             ok = usable(label)
             need = want[label] - ok  # the margin stays: near duplicates are found only later
             while need > 0 and cursor[label] < len(ranked[label]):
                 url = ranked[label][cursor[label]]
                 cursor[label] += 1
-                if url in asked or url in urls:
+                if url in asked or url in this_round:
                     if statuses.get(url, {}).get("status") == "ok" and owner[url][1] == label:
                         need -= 1  # fetched for another class already, but this one keeps it
                     continue
                 urls.append(url)
+                this_round.add(url)
                 need -= 1
         if not urls:
             return

@@ -139,9 +139,13 @@ def cmd_index(args: argparse.Namespace) -> int:
         raise UserError(f"--dedup-cosine must lie in (0, 1], got {args.dedup_cosine}")
     # Pool, weights (cache, hub) and factory are checked before Ray or any model starts.
     plan = plan_index(args.pool, args.model, args.pretrained, args.factory, args.pool_name)
-    executor = make_executor(
-        args.executor or "ray", args.ray_address, args.workers, not args.no_progress
-    )
+    kind = args.executor
+    if kind == "auto":
+        import torch
+
+        cluster = args.ray_address or os.environ.get("RAY_ADDRESS")
+        kind = "ray" if cluster or torch.cuda.device_count() > 1 else "local"
+    executor = make_executor(kind, args.ray_address, args.workers, not args.no_progress)
     try:
         info = build_index(
             executor, args.pool, args.out, args.model, args.pretrained, args.factory,
@@ -235,12 +239,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_options(p: argparse.ArgumentParser) -> None:
+def _run_options(p: argparse.ArgumentParser, auto: bool = False) -> None:
     p.add_argument("--ray-address", metavar="HOST:PORT",
                    help="join this Ray cluster (default: $RAY_ADDRESS, else start a local one)")  # fmt: skip
-    p.add_argument("--executor", choices=["ray", "local"],
-                   help="where units run: Ray actors, or one after another in this process "
-                   "(default: run.executor of the config, ray)")  # fmt: skip
+    if auto:
+        p.add_argument("--executor", choices=["auto", "ray", "local"], default="auto",
+                       help="where units run. auto: Ray when a cluster is given or several GPUs "
+                       "are visible, else this process (one process already keeps every core "
+                       "busy encoding, and skips Ray's and each worker's start-up)")  # fmt: skip
+    else:
+        p.add_argument("--executor", choices=["ray", "local"],
+                       help="where units run: Ray actors, or one after another in this process "
+                       "(default: run.executor of the config, ray)")  # fmt: skip
     p.add_argument("--workers", type=int, metavar="N",
                    help="parallel workers per stage (default: the CPUs Ray sees)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -296,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dedup-cosine", type=float, default=0.95,
                    help="group near-duplicate pool images at this cosine (1.0: off); a shift keeps one per group")  # fmt: skip
     p.add_argument("--device", default="auto")
-    _run_options(p)
+    _run_options(p, auto=True)
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser(

@@ -48,6 +48,7 @@ def small_index(small_pool, demo_world, tmp_path_factory):
     proc = run_cli(
         "index", str(small_pool), "--out", str(out), "--model", "imagenetpp-tiny",
         "--pretrained", str(ckpt), "--factory", "IVF4,Flat", "--no-progress",
+        "--executor", "ray",  # the default (auto) runs one process here: keep Ray covered
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     return out
