@@ -174,8 +174,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     if not Path(args.shift_dir).is_dir():
         raise UserError(f"no such shift folder: {args.shift_dir}")
+    from .executor import RowProgress
+
+    shards = len(list((Path(args.shift_dir) / "shards").glob("*.tar")))
+    show = not args.no_progress and sys.stderr.isatty()
     try:
-        report = verify_shift(args.shift_dir)
+        with RowProgress("verify", shards, show, unit="shard") as bar:
+            report = verify_shift(args.shift_dir, progress=bar)
     except NotAShift as e:
         raise UserError(str(e)) from None
     for p in report.problems:
@@ -354,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
         "verify", help="re-read a shift's shards and check them against its manifest and index"
     )
     p.add_argument("shift_dir", help="a shift's output folder, OUT/<shift>")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_verify)
     return parser
 

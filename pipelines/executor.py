@@ -85,12 +85,12 @@ class RowProgress:
     """A bar for a long step that runs in the driver (grouping near duplicates): called with
     (rows done, rows) as it goes."""
 
-    def __init__(self, desc: str, total: int, enabled: bool) -> None:
+    def __init__(self, desc: str, total: int, enabled: bool, unit: str = "row") -> None:
         self.bar = None
         if enabled and total:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=f"{desc:>12}", unit="row", file=sys.stderr)
+            self.bar = tqdm(total=total, desc=f"{desc:>12}", unit=unit, file=sys.stderr)
 
     def __call__(self, done: int, total: int) -> None:
         if self.bar is not None:

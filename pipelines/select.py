@@ -32,6 +32,8 @@ import pyarrow.parquet as pq
 from curators import ImageNetClass
 from shards.atomic import commit
 
+from .executor import report_progress
+
 _BLOCK = 256
 
 
@@ -256,6 +258,7 @@ def select_class(
         "selected": n,
     }
     released = global_rows[rows[considered:]] if n == target else np.zeros(0, np.int64)
+    report_progress(total)  # candidates looked at: the select bar moves class by class
     return table, stats, released
 
 

@@ -14,7 +14,7 @@ import json
 import mmap
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,8 +144,11 @@ class _Index:
         return int(rows.size), min(self._sorted[~self.seen[self._order]]).decode()
 
 
-def verify_shift(shift_dir: str | os.PathLike) -> VerifyReport:
-    """Check a shift folder; the report lists its problems (none when it is consistent)."""
+def verify_shift(
+    shift_dir: str | os.PathLike, progress: Callable[[int, int], None] | None = None
+) -> VerifyReport:
+    """Check a shift folder; the report lists its problems (none when it is consistent).
+    ``progress(shards done, shards)`` is called after each shard."""
     shift_dir = Path(shift_dir)
     if not any((shift_dir / n).exists() for n in (MANIFEST, INDEX, SHARDS_DIR)):
         raise NotAShift(
@@ -166,7 +169,9 @@ def verify_shift(shift_dir: str | os.PathLike) -> VerifyReport:
     index = _load_index(shift_dir, problems)
     seen_elsewhere: set[str] = set()  # keys not in the index (all keys when there is no index)
     class_counts: Counter[str] = Counter()
-    for entry in entries:
+    for done, entry in enumerate(entries):
+        if progress is not None:
+            progress(done, len(entries))
         path = shift_dir / SHARDS_DIR / entry.name
         if not path.is_file():
             problems.append(f"{entry.name}: missing")
