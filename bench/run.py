@@ -503,7 +503,7 @@ def bench_acquire_overhead(
     def bare(run, threads: int) -> float:
         """shards.fetch's Fetcher alone, made as the stage's own setup makes it (same policy
         and per-host limit), over the same URLs with ``threads`` in flight, each decoded."""
-        fetcher = acquire.setup(run)()
+        fetcher = acquire.setup(run)().fetcher
         urls = [u for c in acquire.units(run) for u in c.urls]
 
         def one(url: str) -> bool:
@@ -558,7 +558,7 @@ def bench_acquire_overhead(
         server.wait(timeout=30)
     planning = {}  # planning round 1 alone (no network), 100 classes: should grow linearly
     for n in (10_000, 20_000):
-        ranked = {c: [f"http://x.invalid/{c}/{i}" for i in range(n // 100)] for c in range(100)}
+        ranked = {c: [(f"http://x.invalid/{c}/{i}", 1 - i / n) for i in range(n // 100)] for c in range(100)}  # fmt: skip
         t = time.perf_counter()
         next(plan_rounds(ranked, n // 100, WORK / "acquire" / "none"))
         planning[str(n)] = round(time.perf_counter() - t, 3)

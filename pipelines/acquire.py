@@ -148,17 +148,23 @@ def _fetch_image(fetcher: Fetcher, url: str) -> Fetched:
     return got
 
 
-def make_fetcher(policy: FetchPolicy) -> Fetcher:
-    """The acquire stage's per-worker state: one per-host limit for all its threads."""
-    return Fetcher(policy)
+@dataclass
+class FetchWorker:
+    """The acquire stage's per-worker state: one per-host limit and one thread pool for all
+    its chunks (threads started once, not once per chunk)."""
+
+    fetcher: Fetcher
+    pool: ThreadPoolExecutor
 
 
-def fetch_chunk(
-    status_dir: Path, work_root: Path, threads: int, fetcher: Fetcher, chunk: Chunk
-) -> dict:
-    """The acquire unit: fetch a chunk's URLs; the tar first, the status table last."""
-    with ThreadPoolExecutor(threads) as pool:
-        results = list(pool.map(partial(_fetch_image, fetcher), chunk.urls))
+def make_fetcher(policy: FetchPolicy, threads: int = 16) -> FetchWorker:
+    return FetchWorker(Fetcher(policy), ThreadPoolExecutor(threads))
+
+
+def fetch_chunk(status_dir: Path, work_root: Path, state: FetchWorker, chunk: Chunk) -> dict:
+    """The acquire unit: fetch a chunk's URLs; the tar first, the status table last. Results
+    are written as they come, in URL order, while later URLs are still in flight."""
+    results = state.pool.map(partial(_fetch_image, state.fetcher), chunk.urls)
     rows = []
     with ShardWriter(blob_path(work_root, chunk.id)) as writer:
         for i, r in enumerate(results):

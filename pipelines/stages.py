@@ -141,10 +141,12 @@ STAGES: list[Stage] = [
         "acquire",
         units=_acquire_units,
         done=lambda run, c: status_path(run.work.acquired, c.id).exists(),
-        work=lambda run: partial(
-            fetch_chunk, run.work.acquired, run.work.root, run.config.acquire.threads
+        work=lambda run: partial(fetch_chunk, run.work.acquired, run.work.root),
+        setup=lambda run: partial(
+            make_fetcher,
+            run.config.acquire.policy(run.config.run.resolve),
+            run.config.acquire.threads,
         ),
-        setup=lambda run: partial(make_fetcher, run.config.acquire.policy(run.config.run.resolve)),
     ),
     Stage(
         "embed",
