@@ -14,6 +14,8 @@ measured in the same run. Writes bench/results.json. Not a test: nothing here as
   driver and every process it starts; curate at the larger size with --workers 1 and 2
 - acquire_overhead: the acquire stage over 2000 loopback JPEG URLs vs `shards.fetch` alone
   (same concurrency, with decoding)
+- download: `imagenetpp download` vs img2dataset 1.47.0 (its own venv) over the same 3000
+  loopback URLs of 500x375 JPEGs, same resize settings and cores (images/s, ratio)
 
 `python bench/run.py [NAME ...]` runs the named entries only (default: all) and merges them
 into an existing results.json ($BENCH_RESULTS names another file, e.g. for a smoke run with
@@ -587,6 +589,76 @@ def bench_acquire_overhead(
     }
 
 
+def bench_download_vs_img2dataset(count: int = 3000, repeats: int = 2) -> dict:
+    """`imagenetpp download` and img2dataset 1.47.0 (installed into its own throwaway venv,
+    bench/work/i2d-venv) over the same URL list of ImageNet-size photo-like JPEGs (500x375)
+    served by the same loopback server, same settings: largest side 256 keeping the ratio,
+    JPEG quality 95, every CPU core (img2dataset: one process per core, 32 threads each)."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from _proc import run_cmd
+
+    venv = WORK / "i2d-venv"
+    i2d = venv / "bin" / "img2dataset"
+    if not i2d.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "img2dataset==1.47.0"], check=True)  # fmt: skip
+    cores = os.cpu_count() or 1
+    logs = WORK / "logs"
+    server = subprocess.Popen(
+        [sys.executable, str(HERE / "_http_serve.py"), str(count), "500", "1.0", "375", "256"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        port = int(server.stdout.readline())
+        listing = WORK / "download" / "urls.parquet"
+        listing.parent.mkdir(parents=True, exist_ok=True)
+        urls = [f"http://127.0.0.1:{port}/img/p{i}" for i in range(count)]
+        pq.write_table(pa.table({"url": urls, "caption": [f"photo {i}" for i in range(count)]}), listing)  # fmt: skip
+
+        def ours() -> float:
+            out = fresh(WORK / "download" / "ours")
+            cmd = [*cli(), "download", str(listing), "--out", str(out), "--allow-private",
+                   "--image-size", "256", "--resize-mode", "keep_ratio_largest",
+                   "--jpeg-quality", "95", "--no-progress"]  # fmt: skip
+            r = run_cmd(cmd, logs / "download_ours.log")
+            assert sum(1 for _ in out.glob("*.tar")) == 1
+            return r["wall_s"]
+
+        def theirs() -> float:
+            out = WORK / "download" / "img2dataset"
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = [str(i2d), "--url_list", str(listing), "--input_format", "parquet",
+                   "--url_col", "url", "--caption_col", "caption", "--output_format", "webdataset",
+                   "--output_folder", str(out), "--image_size", "256",
+                   "--resize_mode", "keep_ratio_largest", "--encode_quality", "95",
+                   "--processes_count", str(cores), "--thread_count", "32",
+                   "--number_sample_per_shard", str(count), "--enable_wandb", "False"]  # fmt: skip
+            env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+            return run_cmd(cmd, logs / "download_img2dataset.log", env=env)["wall_s"]
+
+        t_ours = t_theirs = float("inf")
+        for _ in range(repeats):  # interleaved, best of: this machine drifts
+            t_theirs = min(t_theirs, theirs())
+            t_ours = min(t_ours, ours())
+    finally:
+        server.stdin.close()
+        server.wait(timeout=30)
+    return {
+        "urls": count,
+        "image_size": "500x375 JPEG q90 -> largest side 256, q95",
+        "cores": cores,
+        "ours_s": round(t_ours, 3),
+        "img2dataset_s": round(t_theirs, 3),
+        "ours_images_per_s": round(count / t_ours, 1),
+        "img2dataset_images_per_s": round(count / t_theirs, 1),
+        "ratio_vs_img2dataset": round(t_theirs / t_ours, 3),
+        "goal": ">= 1.5",
+    }
+
+
 def _index_embed() -> dict:
     from pipelines.demo_world import world_dir
 
@@ -606,6 +678,10 @@ ENTRIES = {
     "curate_ray_vs_local": ("", lambda: {"curate_ray_vs_local": bench_curate_ray_vs_local()}),
     "pool_scale": ("first run generates the pools", lambda: {"pool_scale": bench_pool_scale()}),
     "acquire_overhead": ("", lambda: {"acquire_overhead": bench_acquire_overhead()}),
+    "download": (
+        "first run installs img2dataset into bench/work/i2d-venv",
+        lambda: {"download_vs_img2dataset": bench_download_vs_img2dataset()},
+    ),
 }
 
 
