@@ -635,7 +635,8 @@ def bench_download_vs_img2dataset(count: int = 3000, repeats: int = 2) -> dict:
                    "--output_folder", str(out), "--image_size", "256",
                    "--resize_mode", "keep_ratio_largest", "--encode_quality", "95",
                    "--processes_count", str(cores), "--thread_count", "32",
-                   "--number_sample_per_shard", str(count), "--enable_wandb", "False"]  # fmt: skip
+                   "--number_sample_per_shard", str(max(1, count // (4 * cores))),
+                   "--enable_wandb", "False"]  # its parallelism is per shard: 4 a core  # fmt: skip
             env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
             return run_cmd(cmd, logs / "download_img2dataset.log", env=env)["wall_s"]
 
