@@ -100,8 +100,12 @@ class Fetcher:
         self._lock = threading.Lock()
 
     def _host_slot(self, url: str) -> threading.Semaphore:
+        try:
+            host = (urlsplit(url).hostname or "").lower()
+        except ValueError:  # a malformed URL: _fetch_once says why, under a shared slot
+            host = ""
         with self._lock:
-            return self._hosts[(urlsplit(url).hostname or "").lower()]
+            return self._hosts[host]
 
     def fetch(self, url: str) -> Fetched:
         """GET ``url`` with retries; never raises for what the network or the server does."""
@@ -109,7 +113,10 @@ class Fetcher:
         last = Fetched(url, None, "error", "not tried", kind="connection")
         for attempt in range(policy.retries + 1):
             with self._host_slot(url):
-                last = _fetch_once(url, policy)
+                try:
+                    last = _fetch_once(url, policy)
+                except Exception as e:  # noqa: BLE001  a URL never crashes a run: it is a row
+                    last = _fail(url, "error", f"{type(e).__name__}: {' '.join(str(e).split())[:200]}")  # fmt: skip
             if last.status == "ok" or not last.transient or attempt == policy.retries:
                 return last
             wait = _retry_after(last.headers.get("retry-after"))
@@ -145,7 +152,10 @@ def _fail(url: str, kind: str, error: str, status: int | None = None, **kw) -> F
 def _fetch_once(url: str, policy: FetchPolicy) -> Fetched:
     original = url
     for _hop in range(policy.max_redirects + 1):
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError as e:
+            return _fail(original, "bad_url", f"bad URL: {e}")
         if parts.scheme not in ("http", "https"):
             return _fail(original, "scheme", f"unsupported scheme: {parts.scheme or 'none'}")
         host = parts.hostname

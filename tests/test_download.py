@@ -218,3 +218,12 @@ def test_download_bad_input_is_one_line(tmp_path):
     (tmp_path / "l.jsonl").write_text('{"url": "http://x/1.jpg"}\nnot json\n')
     one_line_error(run_cli("download", str(tmp_path / "l.jsonl"), "--out", str(tmp_path / "p2"), "--no-progress"), "l.jsonl:2")  # fmt: skip
     one_line_error(run_cli("download", str(tmp_path / "l.parquet"), "--out", str(tmp_path / "p"), "--allow-network", "localhost"), "--allow-network")  # fmt: skip
+
+
+def test_malformed_urls_are_rows_not_crashes():
+    from shards.fetch import fetch_url
+
+    policy = FetchPolicy(allow_private=True, retries=0)
+    kinds = {u: fetch_url(u, policy).kind for u in ("http://[::1/x", "http:///x", "javascript:alert(1)", "", "http://127.0.0.1:99999/x")}  # fmt: skip
+    assert kinds == {"http://[::1/x": "bad_url", "http:///x": "bad_url", "javascript:alert(1)": "scheme",
+                     "": "scheme", "http://127.0.0.1:99999/x": "bad_url"}  # fmt: skip
