@@ -82,9 +82,16 @@ def candidate_table(cands: list[Candidate], model: dict) -> pa.Table:
 
 
 def footer_count(path: Path, key: bytes) -> int:
-    """A count the candidates file's writer put in its footer (no rows read)."""
-    meta = pq.ParquetFile(path).schema_arrow.metadata or {}
-    return int(meta.get(key, b"0"))
+    """A count the candidates file's writer put in its footer (no rows read). Committed files
+    never change in place (a commit is a rename), so a footer is read once per version: stages
+    list their units often, and a run may have a thousand unit files."""
+    st = path.stat()
+    return int(_footer(path, st.st_mtime_ns, st.st_size, st.st_ino).get(key, b"0"))
+
+
+@lru_cache(maxsize=65536)
+def _footer(path: Path, _mtime: int, _size: int, _inode: int) -> dict:
+    return dict(pq.ParquetFile(path).schema_arrow.metadata or {})
 
 
 def write_candidate_table(path: Path, table: pa.Table) -> None:
