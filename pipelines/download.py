@@ -15,6 +15,7 @@ the rows that failed transiently (timeouts, 5xx, 429, connection errors).
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import time
 from collections import Counter, deque
@@ -179,8 +180,6 @@ def download_shard(
     """Fetch one shard's rows (in flight: a bounded window, written in row order) and commit
     tar, parquet, then stats. With ``options.retry_failed`` and a finished shard, only rows
     that failed transiently are fetched again; the others are carried over."""
-    import hashlib
-
     paths = shard_paths(out, shard)
     digits = max(4, len(str(options.shard_size - 1)))
     old_rows: dict[str, dict] = {}
@@ -224,9 +223,7 @@ def download_shard(
                         key, files = next(old_samples)
                     carried["data"] = files["jpg"]
                 window.append((row, carried))
-            else:
-                if old is not None and old["status"] == SUCCESS:
-                    next(old_samples)
+            else:  # a new row, or one that failed transiently: fetch (again)
                 window.append((row, pool.submit(_fetch_row, fetcher, options.image, row)))
             drain(limit)
         drain(0)

@@ -128,7 +128,7 @@ def _flatten(img: Image.Image) -> Image.Image:
         arr = np.asarray(img, dtype=np.uint32)
         top = 65535 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255
         img = Image.fromarray((arr * 255 // max(top, 1)).astype(np.uint8), "L")
-    if img.mode == "P" and "transparency" in img.info or img.mode in ("PA", "P"):
+    if img.mode in ("P", "PA"):  # a palette may carry transparency: via RGBA, onto white
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "RGBa", "La"):
         rgba = img.convert("RGBA")
