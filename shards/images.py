@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageOps
 
 
@@ -89,13 +90,14 @@ def store_image(data: bytes, policy: ImagePolicy) -> StoredImage:
             if min(width, height) < policy.min_side:
                 raise BadImage(f"too small: {width}x{height}")
             target = _target_size(width, height, policy)
-            if img.format == "JPEG" and target != (width, height):
-                img.draft("RGB" if img.mode != "L" else "L", target)  # decodes 1/2..1/8 scale
-            img.load()  # raises on truncated data rather than padding with grey
-            orientation = img.getexif().get(0x0112, 1)
+            orientation = img.getexif().get(0x0112, 1)  # the header's EXIF: still nothing decoded
+            if img.format == "JPEG" and img.mode in ("RGB", "L") and target != (width, height):
+                img = _decode_scaled(data, img.mode, target)
+            else:
+                img.load()  # raises on truncated data rather than padding with grey
             turned = orientation in (5, 6, 7, 8)  # a quarter turn: width and height swap
-            if orientation not in (0, 1):  # exif_transpose copies even when nothing turns
-                img = ImageOps.exif_transpose(img)
+            if orientation in _TURNS:  # by the header's tag: a scaled decode has no EXIF left
+                img = img.transpose(_TURNS[orientation])
             rgb = _flatten(img)
     except BadImage:
         raise
@@ -103,13 +105,28 @@ def store_image(data: bytes, policy: ImagePolicy) -> StoredImage:
         raise BadImage("not a recognised image format") from None
     except Image.DecompressionBombError as e:
         raise BadImage(f"decompression bomb: {e}") from None
-    except Exception as e:  # noqa: BLE001  PIL raises many types for bad input
+    except Exception as e:  # noqa: BLE001  PIL and libjpeg raise many types for bad input
         raise BadImage(f"{type(e).__name__}: {e}") from None
     orig = (height, width) if turned else (width, height)  # as a viewer shows it
     out = _resize(rgb, orig, policy)
-    buf = io.BytesIO()
-    out.save(buf, format="JPEG", quality=policy.jpeg_quality)
-    return StoredImage(buf.getvalue(), out.size[0], out.size[1], orig[0], orig[1])
+    # libjpeg-turbo through simplejpeg lets go of the interpreter lock while it encodes (Pillow's
+    # encoder holds it), so encoding threads run in parallel; 4:2:0 chroma as Pillow and cv2
+    data = simplejpeg.encode_jpeg(np.asarray(out), policy.jpeg_quality, "RGB", "420")
+    return StoredImage(data, out.size[0], out.size[1], orig[0], orig[1])
+
+
+_T = Image.Transpose
+_TURNS = {2: _T.FLIP_LEFT_RIGHT, 3: _T.ROTATE_180, 4: _T.FLIP_TOP_BOTTOM, 5: _T.TRANSPOSE,
+          6: _T.ROTATE_270, 7: _T.TRANSVERSE, 8: _T.ROTATE_90}  # as ImageOps.exif_transpose  # fmt: skip
+
+
+def _decode_scaled(data: bytes, mode: str, target: tuple[int, int]) -> Image.Image:
+    """libjpeg-turbo's DCT-domain scaling in eighths (7/8 .. 1/8, the smallest at least
+    ``target``): 500x375 to 256 px decodes at 5/8, where Pillow's draft has only halvings and
+    would decode at full size. Strict: a truncated or corrupt stream raises."""
+    colorspace = "GRAY" if mode == "L" else "RGB"
+    arr = simplejpeg.decode_jpeg(data, colorspace, min_width=target[0], min_height=target[1])
+    return Image.fromarray(arr[..., 0] if mode == "L" else arr, mode)
 
 
 def _target_size(width: int, height: int, policy: ImagePolicy) -> tuple[int, int]:
@@ -147,8 +164,9 @@ def _resize(img: Image.Image, orig: tuple[int, int], policy: ImagePolicy) -> Ima
     if scale > 1.0 and not policy.upscale:
         scale = 1.0
     new = (max(1, round(w * scale)), max(1, round(h * scale)))
-    if new != img.size:  # Pillow's bilinear is antialiased when shrinking; twice bicubic's speed
-        img = img.resize(new, Image.Resampling.BILINEAR, reducing_gap=3.0)
+    if new != img.size:  # shrinking: an area average, as img2dataset's INTER_AREA
+        kind = Image.Resampling.BOX if new[0] <= img.size[0] else Image.Resampling.BILINEAR
+        img = img.resize(new, kind, reducing_gap=3.0)
     if mode == "center_crop" and min(new) >= size:
         left, top = (new[0] - size) // 2, (new[1] - size) // 2
         img = img.crop((left, top, left + size, top + size))

@@ -28,7 +28,7 @@ class ShardInfo:
     bytes: int
 
 
-def _member_header(name: str, size: int) -> bytes:
+def _tarfile_header(name: str, size: int) -> bytes:
     info = tarfile.TarInfo(name)
     info.size = size
     info.mtime = 0
@@ -36,6 +36,23 @@ def _member_header(name: str, size: int) -> bytes:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     return info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
+
+
+_TEMPLATE = _tarfile_header("", 0)
+
+
+def _member_header(name: str, size: int) -> bytes:
+    """tarfile's GNU header, byte for byte, for a short name: only name, size and checksum
+    differ from one member to the next, and building a TarInfo costs more than the bytes."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) >= 100 or size >= 8**11:  # long names and huge members: tarfile's own way
+        return _tarfile_header(name, size)
+    header = bytearray(_TEMPLATE)
+    header[0 : len(raw)] = raw
+    header[124:136] = b"%011o\0" % size
+    header[148:156] = b"        "  # the checksum counts its own field as spaces
+    header[148:155] = b"%06o\0" % sum(header)
+    return bytes(header)
 
 
 class ShardWriter:

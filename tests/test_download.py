@@ -12,6 +12,7 @@ import subprocess
 import time
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -169,9 +170,13 @@ def test_killed_download_resumes_to_identical_shards_and_retry_asks_only_transie
         )
         while proc.poll() is None and len(list((tmp_path / "killed").glob("*_stats.json"))) < 2:
             time.sleep(0.01)
+        workers = psutil.Process(proc.pid).children()
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         assert proc.returncode == -signal.SIGKILL
+        assert workers  # its fetch processes die with it, not left waiting for rows
+        gone, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive
         assert len(list((tmp_path / "killed").glob("*_stats.json"))) < 6
         server.hits.clear()
         proc = _download(tmp_path / "list.parquet", tmp_path / "killed", "--shard-size", "20")
@@ -227,3 +232,25 @@ def test_malformed_urls_are_rows_not_crashes():
     kinds = {u: fetch_url(u, policy).kind for u in ("http://[::1/x", "http:///x", "javascript:alert(1)", "", "http://127.0.0.1:99999/x")}  # fmt: skip
     assert kinds == {"http://[::1/x": "bad_url", "http:///x": "bad_url", "javascript:alert(1)": "scheme",
                      "": "scheme", "http://127.0.0.1:99999/x": "bad_url"}  # fmt: skip
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_scaled_jpeg_decode_matches_a_full_decode(orientation, mode):
+    """The 1/8..7/8-scale JPEG path gives the picture a full decode gives: upright by EXIF,
+    same size, pixels within JPEG noise; a truncated stream is refused, never padded."""
+    from PIL import ImageOps
+
+    from shards.images import BadImage, ImagePolicy, store_image
+
+    data = _jpeg(np.random.default_rng(5), 500, 300, mode, exif_orientation=orientation)
+    policy = ImagePolicy("keep_ratio_largest", image_size=200, jpeg_quality=95)
+    stored = store_image(data, policy)
+    reference = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+    reference = reference.resize((stored.width, stored.height), Image.Resampling.LANCZOS)
+    got = np.asarray(Image.open(io.BytesIO(stored.data)), dtype=np.float32)
+    assert got.shape[:2] == (stored.height, stored.width) == reference.size[::-1]
+    assert max(stored.width, stored.height) == 200
+    assert np.abs(got - np.asarray(reference, dtype=np.float32)).mean() < 6
+    with pytest.raises(BadImage):
+        store_image(data[: len(data) // 2], policy)

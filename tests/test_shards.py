@@ -3,6 +3,7 @@ import io
 import json
 import tarfile
 
+import pytest
 import webdataset as wds
 from PIL import Image
 
@@ -120,3 +121,11 @@ def test_header_walk_matches_tarfile_on_foreign_tars(tmp_path):
         pass
     else:
         raise AssertionError("a damaged header went unnoticed")
+
+
+@pytest.mark.parametrize("name", ["a.jpg", "000000001.json", "x" * 99, "x" * 100, "é.txt"])
+@pytest.mark.parametrize("size", [0, 1, 511, 512, 12_345_678, 8**11 - 1, 8**11])
+def test_fast_member_header_is_tarfiles_byte_for_byte(name, size):
+    from shards.writer import _member_header, _tarfile_header
+
+    assert _member_header(name, size) == _tarfile_header(name, size)
