@@ -208,6 +208,8 @@ def cmd_download(args: argparse.Namespace) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if not 1 <= args.jpeg_quality <= 100:
         raise UserError("--jpeg-quality must lie in 1..100")
+    if args.processes < 0:
+        raise UserError("--processes must be 0 (one per core) or more")
     if args.shard_size > 100_000:
         raise UserError("--shard-size must be at most 100000")
     spec = ListSpec(
@@ -215,7 +217,8 @@ def cmd_download(args: argparse.Namespace) -> int:
         tuple(c for c in (args.extra_cols or "").split(",") if c), args.input_format,
     )  # fmt: skip
     options = DownloadOptions(
-        shard_size=args.shard_size, threads=args.threads, retry_failed=args.retry_failed,
+        shard_size=args.shard_size, threads=args.threads, processes=args.processes,
+        retry_failed=args.retry_failed,
         fetch=FetchPolicy(
             read_timeout=args.timeout, retries=args.retries, per_host=args.per_host,
             max_bytes=args.max_bytes_mb << 20, max_redirects=args.max_redirects,
@@ -327,7 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-format", choices=["parquet", "csv", "tsv", "jsonl", "txt"],
                    help="(default: from each file's extension)")  # fmt: skip
     p.add_argument("--shard-size", type=int, default=10_000, help="rows per shard")
-    p.add_argument("--threads", type=int, default=32, help="URLs in flight")
+    p.add_argument("--threads", type=int, default=32, help="URLs in flight, over all processes")
+    p.add_argument("--processes", type=int, default=0,
+                   help="worker processes fetching and resizing (0: one per usable core)")  # fmt: skip
     p.add_argument("--per-host", type=int, default=16, help="URLs in flight to one host")
     p.add_argument("--timeout", type=float, default=10.0, help="read timeout, seconds")
     p.add_argument(

@@ -15,13 +15,21 @@ the rows that failed transiently (timeouts, 5xx, 429, connection errors).
 from __future__ import annotations
 
 import csv
+import gc
 import hashlib
 import json
+import math
+import multiprocessing as mp
+import os
+import queue
+import signal
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from itertools import islice
 from pathlib import Path
 
@@ -57,7 +65,8 @@ class ListSpec:
 @dataclass
 class DownloadOptions:
     shard_size: int = 10_000
-    threads: int = 32
+    threads: int = 32  # in flight, over all processes
+    processes: int = 0  # 0: one per usable core
     retry_failed: bool = False
     fetch: FetchPolicy = field(default_factory=FetchPolicy)
     image: ImagePolicy = field(default_factory=ImagePolicy)
@@ -151,7 +160,7 @@ def _retryable(out: Path, shard: int) -> bool:
     return any(k in TRANSIENT_KINDS for k in table["error_kind"].to_pylist())
 
 
-def _fetch_row(fetcher: Fetcher, image: ImagePolicy, row: dict) -> dict:
+def _fetch_row(fetcher: Fetcher, image: ImagePolicy, cpu: threading.Semaphore, row: dict) -> dict:
     got = fetcher.fetch(row["url"]) if row["url"] else None
     if got is None:
         return {"status": FAILED_DOWNLOAD, "error_message": "empty URL", "error_kind": "bad_url"}
@@ -159,7 +168,8 @@ def _fetch_row(fetcher: Fetcher, image: ImagePolicy, row: dict) -> dict:
         return {"status": FAILED_DOWNLOAD, "error_message": got.error, "error_kind": got.kind,
                 "http_status": got.http_status}  # fmt: skip
     try:
-        stored = store_image(got.data, image)
+        with cpu:  # many threads wait on sockets; only a core's worth decode at once
+            stored = store_image(got.data, image)
     except BadImage as e:
         kind = "bomb" if "decompression bomb" in str(e) else "not_image"
         return {"status": FAILED_RESIZE, "error_message": str(e)[:300], "error_kind": kind,
@@ -169,11 +179,107 @@ def _fetch_row(fetcher: Fetcher, image: ImagePolicy, row: dict) -> dict:
             "original_height": stored.original_height, "data": stored.data}  # fmt: skip
 
 
+class FetchProcesses:
+    """Rows fetched and stored by worker processes, each with its own threads, per-host limit
+    and interpreter lock: HTTP parsing and image work in one process never wait for the lock
+    another holds. ``submit(ticket, row)``; ``result()`` gives (ticket, result) as they finish.
+    A process takes a row only when it has a free thread, so the work spreads by capacity."""
+
+    def __init__(self, options: DownloadOptions) -> None:
+        count = options.processes or len(os.sched_getaffinity(0))
+        threads = max(1, math.ceil(options.threads / count))
+        fetch = replace(options.fetch, per_host=max(1, math.ceil(options.fetch.per_host / count)))
+        # fork: the children start at once, with everything imported (no re-import per child)
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        gc.freeze()  # what is alive now lives on: no collection in any process walks it again
+        gc.set_threshold(50_000, 20, 20)  # rows make many short-lived containers, few cycles
+        self._todo, self._done = ctx.Queue(), ctx.Queue()
+        self._procs = [
+            ctx.Process(target=_serve, args=(self._todo, self._done, fetch, options.image, threads),
+                        name=f"imagenetpp-download-{i}", daemon=True)
+            for i in range(count)
+        ]  # fmt: skip
+        for p in self._procs:
+            p.start()
+
+    def submit(self, ticket: str, row: dict) -> None:
+        self._todo.put((ticket, row))
+
+    def result(self) -> tuple[str, dict]:
+        while True:
+            try:
+                return self._done.get(timeout=1.0)
+            except queue.Empty:
+                dead = [p for p in self._procs if not p.is_alive()]
+                if dead:
+                    raise RuntimeError(f"download worker {dead[0].name} died (exit code {dead[0].exitcode})") from None  # fmt: skip
+
+    def close(self) -> None:
+        for _ in self._procs:
+            self._todo.put(None)
+        for p in self._procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+        for q in (self._todo, self._done):
+            q.cancel_join_thread()  # rows left unsent after an error must not block the exit
+            q.close()
+
+    def __enter__(self) -> FetchProcesses:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _serve(todo, done, fetch: FetchPolicy, image: ImagePolicy, threads: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    parent = os.getppid()
+    _die_with_parent()
+    fetcher, cpu, free = Fetcher(fetch), threading.Semaphore(1), threading.Semaphore(threads)
+    with ThreadPoolExecutor(threads) as pool:
+        while True:
+            free.acquire()  # take a row only with a thread free for it
+            try:
+                item = todo.get(timeout=1.0)
+            except queue.Empty:
+                free.release()
+                if os.getppid() != parent:  # the parent was killed: nobody wants our rows
+                    os._exit(1)
+                continue
+            if item is None:
+                break
+            ticket, row = item
+            pool.submit(_fetch_row, fetcher, image, cpu, row).add_done_callback(
+                partial(_send, done, free, ticket)
+            )
+
+
+def _die_with_parent() -> None:
+    """On Linux the kernel kills this process when its parent dies (SIGKILL included)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # elsewhere the parent-pid check in _serve's loop does it, within a second
+
+
+def _send(done, free: threading.Semaphore, ticket: str, job: Future) -> None:
+    try:
+        result = job.result()
+    except Exception as e:  # noqa: BLE001  a row never crashes a run
+        result = {"status": FAILED_DOWNLOAD, "error_kind": "error",
+                  "error_message": f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"}  # fmt: skip
+    done.put((ticket, result))
+    free.release()
+
+
 def download_shard(
     out: Path,
     shard: int,
     rows: list[dict],
-    fetcher: Fetcher,
+    workers: FetchProcesses,
     options: DownloadOptions,
     on_row: Callable[[dict], None] | None = None,
 ) -> dict:
@@ -190,14 +296,17 @@ def download_shard(
     started = time.time()
     extra_cols = [k for k in (rows[0] if rows else {}) if k not in ("url", "caption")]
     out_rows: list[dict] = []
-    window: deque[tuple[dict, Future | dict]] = deque()
+    window: deque[tuple[dict, dict | None]] = deque()  # None: the workers' result, awaited
+    finished: dict[str, dict] = {}  # results that came back before rows ahead of them
     limit = max(64, 4 * options.threads)
-    with ThreadPoolExecutor(options.threads) as pool, ShardWriter(paths["tar"]) as writer:
+    with ShardWriter(paths["tar"]) as writer:
 
         def drain(until: int) -> None:
             while len(window) > until:
-                row, job = window.popleft()
-                result = job.result() if isinstance(job, Future) else job
+                row, result = window.popleft()
+                while result is None and (result := finished.pop(row["key"], None)) is None:
+                    ticket, done = workers.result()
+                    finished[ticket] = done
                 data = result.pop("data", None)
                 record = {**dict.fromkeys(n for n, _ in ROW_FIELDS), **row, **result}
                 record["sha256"] = hashlib.sha256(data).hexdigest() if data else record.get("sha256")  # fmt: skip
@@ -224,7 +333,8 @@ def download_shard(
                     carried["data"] = files["jpg"]
                 window.append((row, carried))
             else:  # a new row, or one that failed transiently: fetch (again)
-                window.append((row, pool.submit(_fetch_row, fetcher, options.image, row)))
+                workers.submit(row["key"], row)
+                window.append((row, None))
             drain(limit)
         drain(0)
         info = writer.close()
@@ -301,13 +411,13 @@ def download(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
-    fetcher = Fetcher(options.fetch)
     rows = read_rows(files, spec)
     batch = list(islice(rows, options.shard_size))  # a bad list fails here, before any output
     out.mkdir(parents=True, exist_ok=True)
     bar = DownloadBar(count_rows(files, spec), progress)
     totals: Counter[str] = Counter()
     shards = 0
+    workers: FetchProcesses | None = None  # started when a shard has rows to fetch
     try:
         for shard in range(10**5):
             if shard:
@@ -321,9 +431,12 @@ def download(
                 totals.update(samples=stats["successes"], rows=stats["count"], skipped_shards=1)
                 bar.skip(len(batch))
                 continue
-            result = download_shard(out, shard, batch, fetcher, options, bar.row)
+            workers = workers or FetchProcesses(options)
+            result = download_shard(out, shard, batch, workers, options, bar.row)
             totals.update(samples=result["samples"], rows=result["rows"])
             totals.update({f"error:{k}": n for k, n in result["errors"].items()})
     finally:
         bar.close()
+        if workers is not None:
+            workers.close()
     return {"shards": shards, **totals}
