@@ -17,6 +17,7 @@ from .labels import ImageNetClass, label_set, select_classes
 # name -> (module, curator class, params dataclass)
 REGISTRY: dict[str, tuple[str, str, str]] = {
     "clip_knn": ("curators.knn_retrieval", "ClipKnnCurator", "ClipKnnParams"),
+    "caption_search": ("curators.caption_search", "CaptionSearchCurator", "CaptionSearchParams"),
 }
 
 

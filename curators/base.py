@@ -32,6 +32,12 @@ class ResourceError(UserError):
     """A resource the user named (index, model weights, exemplar folder) is missing or unusable."""
 
 
+class SourceUnreadable(Exception):
+    """A unit's source cannot be read (a corrupt metadata part, a dead listing): the
+    candidates stage commits the unit empty, records the reason, and the run goes on; the
+    manifest lists it under ``sources_skipped``."""
+
+
 @dataclass(frozen=True)
 class Resources:
     """What one worker of this curator needs; fractional GPUs share a device."""

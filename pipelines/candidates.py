@@ -23,8 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curators import Candidate, ImageNetClass, create_curator
-from curators.base import Unit
-from shards.atomic import atomic_path
+from curators.base import SourceUnreadable, Unit
+from shards.atomic import atomic_path, atomic_write_bytes
 from shards.sources import blob_path
 from shards.writer import ShardWriter
 
@@ -128,9 +128,25 @@ def store_blobs(work_root: Path, unit: Unit, cands: list[Candidate]) -> int:
     return len(made)
 
 
+def skipped_source_path(work_root: Path, unit: Unit) -> Path:
+    return work_root / "skipped_sources" / f"{unit.id}.json"
+
+
+def skipped_sources(work_root: Path) -> list[dict]:
+    """{unit, reason} of every unit whose source could not be read."""
+    folder = work_root / "skipped_sources"
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []  # fmt: skip
+
+
 def unit_work(folder: Path, work_root: Path, curator, unit: Unit) -> dict:
     """The candidates unit: the curator's candidates for one unit, blobs stored, committed."""
-    cands = list(curator.candidates(unit))
+    try:
+        cands = list(curator.candidates(unit))
+    except SourceUnreadable as e:  # recorded before the commit below; the other units go on
+        note = skipped_source_path(work_root, unit)
+        note.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(note, json.dumps({"unit": unit.id, "reason": str(e)}).encode())
+        cands = []
     allowed = set(unit.labels)
     stray = next((c.label for c in cands if c.label not in allowed), None)
     if stray is not None:

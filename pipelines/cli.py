@@ -14,7 +14,7 @@ from .errors import PartialFailure, UserError
 DESCRIPTION = """Build class-balanced ImageNet-sized training-data shifts with per-sample
 provenance. Start with `imagenetpp demo`; `imagenetpp COMMAND --help` for each command."""
 # Shipped configs (configs/), found wherever the package is installed: one per curator path.
-DEMO_CONFIGS = ("demo_knn_img", "demo_knn_url")
+DEMO_CONFIGS = ("demo_knn_img", "demo_knn_url", "demo_caption_search")
 
 
 class _Formatter(argparse.HelpFormatter):
@@ -72,6 +72,8 @@ def cmd_curate(args: argparse.Namespace) -> int:
     manifest = curate(config, out)
     print(summary_table(manifest))
     print(f"shards: {out / config.shift / 'shards'}")
+    for skip in manifest.get("sources_skipped", []):
+        print(f"imagenetpp: warning: source unit {skip['unit']} unreadable, skipped: {skip['reason']}", file=sys.stderr)  # fmt: skip
     if manifest["total_samples"] == 0:
         print(f"imagenetpp: error: no sample kept: {no_sample_reason(manifest)}", file=sys.stderr)
         return 1

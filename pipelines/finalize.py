@@ -19,6 +19,7 @@ from shards.card import dataset_card
 from shards.manifest import EMBEDDINGS, FORMAT, INDEX, MANIFEST, read_manifest, write_json
 
 from . import __version__
+from .candidates import skipped_sources
 from .materialize import ROW_SCHEMA
 from .select import shortfall_reason
 
@@ -92,6 +93,7 @@ def finalize(shift_dir: Path, work, config, classes, run_facts: dict) -> dict:
         "per_class": per_class,
         "shortfalls": shortfalls,
         "skipped": {"count": skipped.num_rows, "by_reason": _reason_counts(skipped)},
+        "sources_skipped": skipped_sources(work.root),
         "embeddings": embeddings,
         "run": {**run_facts, "host": socket.gethostname(), "python": platform.python_version()},
         "run_history": history,

@@ -23,7 +23,10 @@ from shards.sources import READERS
 from .conftest import CLI, REPO, run_cli
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}  # Ray workers import tests.fake_curators too
-DEMO_CONFIGS = {"clip_knn": REPO / "configs" / "demo_knn_img.yaml"}
+DEMO_CONFIGS = {
+    "clip_knn": REPO / "configs" / "demo_knn_img.yaml",
+    "caption_search": REPO / "configs" / "demo_caption_search.yaml",
+}
 WNIDS = ["n01443537", "n01614925", "n02007558"]  # labels 1, 22, 130
 LOOPBACK = {"allow_networks": ["127.0.0.1/32"]}  # the test server; private hosts are refused
 
