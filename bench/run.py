@@ -661,6 +661,73 @@ def bench_download_vs_img2dataset(count: int = 3000, repeats: int = 2) -> dict:
     }
 
 
+def synthetic_captions(count: int, seed: int = 0):
+    """``count`` LAION-like captions (5..15 words from 20k filler words; 15% name one class by
+    a lemma of it, 2% name two), built column-wise in Arrow."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from curators.labels import label_set
+
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    fillers = ["".join(rng.choice(letters, int(n))) for n in rng.integers(3, 10, 20_000)]
+    lemmas = [lemma for c in label_set() for lemma in c.lemmas]
+    words = pa.array(fillers + lemmas)
+    lengths = rng.integers(5, 16, count)
+    picks = rng.integers(0, len(fillers), int(lengths.sum()))
+    starts = np.r_[0, np.cumsum(lengths)[:-1]]
+    for share, slot in ((0.15, 0), (0.02, 2)):  # a lemma in place of a filler word
+        chosen = np.flatnonzero(rng.random(count) < share)
+        picks[starts[chosen] + slot] = len(fillers) + rng.integers(0, len(lemmas), len(chosen))
+    offsets = pa.array(np.r_[0, np.cumsum(lengths)].astype(np.int32))
+    lists = pa.ListArray.from_arrays(offsets, words.take(pa.array(picks)))
+    return pc.binary_join(lists, " ")
+
+
+def bench_caption_match(
+    count: int = 10_000_000, batch: int = 262_144, naive_sample: int = 4000
+) -> dict:
+    """Lemma matching (curators/lemma_match.py) over ``count`` synthetic captions in the
+    caption-search curator's row batches, pinned to one core, against a naive scan with one
+    compiled regex per class (its lemmas and plurals, whole words, any case) over a sample."""
+    import re
+
+    import pyarrow as pa
+
+    from curators.labels import label_set
+    from curators.lemma_match import LemmaMatcher, class_lemmas
+
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    pa.set_cpu_count(1)
+    pa.set_io_thread_count(1)
+    matcher = LemmaMatcher.for_classes(label_set())
+    captions = synthetic_captions(count)
+    named = 0
+    t0 = time.perf_counter()
+    for start in range(0, count, batch):
+        named += int((matcher.match(captions.slice(start, batch)).label >= 0).sum())
+    ours_s = time.perf_counter() - t0
+    per_class: dict[int, list[str]] = {}
+    for seq, label in class_lemmas(label_set()).items():
+        per_class.setdefault(label, []).append(r"\W+".join(map(re.escape, seq)))
+    patterns = [re.compile(r"\b(?:" + "|".join(v) + r")\b", re.IGNORECASE) for v in per_class.values()]  # fmt: skip
+    sample = captions.slice(0, naive_sample).to_pylist()
+    t0 = time.perf_counter()
+    naive_hits = sum(1 for text in sample if sum(1 for p in patterns if p.search(text)) == 1)
+    naive_s = time.perf_counter() - t0
+    ours_rate, naive_rate = count / ours_s, naive_sample / naive_s
+    return {
+        "captions": count, "batch_rows": batch, "cores": 1,
+        "ours_s": round(ours_s, 2), "ours_captions_per_s_per_core": round(ours_rate),
+        "naive_regex_sample": naive_sample, "naive_captions_per_s_per_core": round(naive_rate, 1),
+        "ratio_vs_naive": round(ours_rate / naive_rate, 1),
+        "named_one_class_share": round(named / count, 4),
+        "naive_named_one_class_share_sample": round(naive_hits / naive_sample, 4),
+        "goal": ">= 50x naive and >= 1M captions/s/core",
+    }  # fmt: skip
+
+
 def _index_embed() -> dict:
     from pipelines.demo_world import world_dir
 
@@ -680,6 +747,7 @@ ENTRIES = {
     "curate_ray_vs_local": ("", lambda: {"curate_ray_vs_local": bench_curate_ray_vs_local()}),
     "pool_scale": ("first run generates the pools", lambda: {"pool_scale": bench_pool_scale()}),
     "acquire_overhead": ("", lambda: {"acquire_overhead": bench_acquire_overhead()}),
+    "caption_match": ("pinned to one core", lambda: {"caption_match": bench_caption_match()}),
     "download": (
         "first run installs img2dataset into bench/work/i2d-venv",
         lambda: {"download_vs_img2dataset": bench_download_vs_img2dataset()},

@@ -44,7 +44,7 @@ class CaptionSearchParams:
     key_col: str = "key"
     definition: str = DEFINITION
     source: str | None = None  # provenance name of the pool (default: the folder's name)
-    batch_rows: int = 65536
+    batch_rows: int = 262_144
     device: str = "auto"
     batch_size: int = 256
 

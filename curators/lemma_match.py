@@ -55,8 +55,8 @@ def _normalised(arr: pa.StringArray) -> pa.StringArray:
     if arr.offset or arr.null_count:
         arr = pa.concat_arrays([pc.fill_null(arr, "")])  # offset 0, no validity bitmap
     _, offsets, data = arr.buffers()
-    raw = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
-    return pa.StringArray.from_buffers(len(arr), offsets, pa.py_buffer(_BYTES[raw]))
+    mapped = data.to_pybytes().translate(_TABLE) if data is not None else b""  # C speed
+    return pa.StringArray.from_buffers(len(arr), offsets, pa.py_buffer(mapped))
 
 
 def plural(word: str) -> str:
