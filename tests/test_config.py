@@ -88,6 +88,15 @@ def test_cli_missing_config_file(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_shipped_txt2img_config_names_its_missing_metadata():
+    from .conftest import REPO
+
+    config = load_config(REPO / "configs" / "la1000_txt2img.yaml", check_resources=False)
+    assert config.curator.name == "caption_search" and config.curator.params.min_text_similarity == 0.82  # fmt: skip
+    with pytest.raises(ConfigError, match="curator.params.metadata"):
+        load_config(REPO / "configs" / "la1000_txt2img.yaml")
+
+
 def test_shipped_real_config_is_valid_apart_from_its_resources():
     from .conftest import REPO
 
@@ -118,7 +127,9 @@ def test_other_commands_name_missing_resources(demo_world, tmp_path, args, culpr
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("name", ["demo_knn_img", "demo_knn_text", "la1000_img2img"])
+@pytest.mark.parametrize(
+    "name", ["demo_knn_img", "demo_knn_text", "demo_knn_url", "demo_caption_search", "la1000_img2img", "la1000_txt2img"]
+)  # fmt: skip
 def test_every_shipped_config_parses(demo_world, name):
     from .conftest import REPO
 
