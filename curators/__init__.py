@@ -18,6 +18,7 @@ from .labels import ImageNetClass, label_set, select_classes
 REGISTRY: dict[str, tuple[str, str, str]] = {
     "clip_knn": ("curators.knn_retrieval", "ClipKnnCurator", "ClipKnnParams"),
     "caption_search": ("curators.caption_search", "CaptionSearchCurator", "CaptionSearchParams"),
+    "web_search": ("curators.web_search", "WebSearchCurator", "WebSearchParams"),
 }
 
 

@@ -83,6 +83,8 @@ class Candidate:
     url: str | None = None
     caption: str | None = None
     license: str | None = None
+    creator: str | None = None  # who made the source image, where the source says
+    landing_page: str | None = None  # the page the image is shown on (its licence's context)
     sha256: str | None = None  # of the source bytes: exact duplicates share it
     duplicate_group: str | None = None  # shared by near duplicates: one per shift is kept
     locator: dict[str, Any] = field(default_factory=dict)  # shards.sources: where the bytes are

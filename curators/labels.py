@@ -1,4 +1,5 @@
-"""The ImageNet-1k label set: index, wnid, name, WordNet lemmas, gloss and hypernym chain.
+"""The ImageNet-1k label set: index, wnid, name, WordNet lemmas, gloss, hypernym chain and the
+nearest hypernym's lemmas.
 
 The table (data/imagenet1k.tsv) is derived from WordNet 3.0 by scripts/derive_labels.py.
 """
@@ -19,6 +20,7 @@ class ImageNetClass:
     lemmas: tuple[str, ...]
     gloss: str
     hypernyms: tuple[str, ...]  # wnids, nearest first
+    parent_lemmas: tuple[str, ...] = ()  # the nearest hypernym's lemmas ("retriever")
 
 
 @lru_cache(maxsize=1)
@@ -33,6 +35,7 @@ def label_set() -> tuple[ImageNetClass, ...]:
             lemmas=tuple(r["lemmas"].split("|")),
             gloss=r["gloss"],
             hypernyms=tuple(h for h in r["hypernyms"].split("|") if h),
+            parent_lemmas=tuple(p for p in r["parent_lemmas"].split("|") if p),
         )
         for r in rows
     )

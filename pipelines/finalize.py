@@ -94,6 +94,7 @@ def finalize(shift_dir: Path, work, config, classes, run_facts: dict) -> dict:
         "shortfalls": shortfalls,
         "skipped": {"count": skipped.num_rows, "by_reason": _reason_counts(skipped)},
         "sources_skipped": skipped_sources(work.root),
+        "licenses": dict(Counter(x or "unstated" for x in ok["license"].to_pylist()).most_common()),
         "embeddings": embeddings,
         "run": {**run_facts, "host": socket.gethostname(), "python": platform.python_version()},
         "run_history": history,

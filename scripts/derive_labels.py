@@ -2,7 +2,7 @@
 
 Class order and wnids: timm's imagenet_synsets.txt (the standard sorted-wnid order, index 0..999).
 Display names: open_clip's cleaned ImageNet class names (the ones CLIP prompts use).
-Lemmas, gloss and hypernym chain: WordNet 3.0 data.noun (Debian package wordnet-base);
+Lemmas, gloss, hypernym chain and the first hypernym's lemmas: WordNet 3.0 data.noun (Debian package wordnet-base);
 an ImageNet wnid is 'n' + the synset's byte offset in data.noun.
 
 Usage: python scripts/derive_labels.py [/usr/share/wordnet/data.noun] > curators/data/imagenet1k.tsv
@@ -55,11 +55,12 @@ def main() -> None:
     synsets = read_synsets(data_noun)
     wnids = resources.files("timm.data._info").joinpath("imagenet_synsets.txt").read_text().split()
     assert len(wnids) == 1000 == len(IMAGENET_CLASSNAMES)
-    print("index\twnid\tname\tlemmas\tgloss\thypernyms")
+    print("index\twnid\tname\tlemmas\tgloss\thypernyms\tparent_lemmas")
     for index, (wnid, name) in enumerate(zip(wnids, IMAGENET_CLASSNAMES, strict=True)):
         lemmas, gloss, _ = synsets[wnid[1:]]
         chain = hypernym_chain(wnid[1:], synsets)
-        fields = [str(index), wnid, name, "|".join(lemmas), gloss, "|".join(chain)]
+        parent = synsets[chain[0][1:]][0] if chain else []  # the search queries' disambiguator
+        fields = [str(index), wnid, name, "|".join(lemmas), gloss, "|".join(chain), "|".join(parent)]
         assert not any("\t" in f or "\n" in f for f in fields)
         print("\t".join(fields))
 

@@ -22,7 +22,11 @@ def _licence_line(manifest: dict) -> str:
     licence = (manifest.get("curator_facts") or {}).get("license")
     if licence:
         return f"Licence of every sample, as the curator states it: {licence}."
-    return "Licences are those of the sources, per sample in `license` where the source states one."
+    counts = manifest.get("licenses") or {}
+    line = "Licences are those of the sources, per sample in `license` where the source states one."
+    if counts:
+        line += " Samples per licence: " + ", ".join(f"{k} {n}" for k, n in counts.items()) + "."
+    return line
 
 
 def _model_line(manifest: dict) -> str:

@@ -49,6 +49,7 @@ class FetchPolicy:
     # host -> "ip:port", as curl --resolve: a mirror or a local server answers for a host
     # named in URLs, the URLs (and the provenance that records them) unchanged
     resolve: tuple[tuple[str, str], ...] = ()
+    accept_types: tuple[str, ...] = ("image/",)  # content types taken (prefixes): an API's JSON
 
     def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         return [ipaddress.ip_network(n, strict=False) for n in self.allow_networks]
@@ -107,14 +108,15 @@ class Fetcher:
         with self._lock:
             return self._hosts[host]
 
-    def fetch(self, url: str) -> Fetched:
-        """GET ``url`` with retries; never raises for what the network or the server does."""
+    def fetch(self, url: str, headers: dict[str, str] | None = None) -> Fetched:
+        """GET ``url`` with retries; never raises for what the network or the server does.
+        ``headers`` are added to the request (an API token: never logged or recorded)."""
         policy = self.policy
         last = Fetched(url, None, "error", "not tried", kind="connection")
         for attempt in range(policy.retries + 1):
             with self._host_slot(url):
                 try:
-                    last = _fetch_once(url, policy)
+                    last = _fetch_once(url, policy, headers or {})
                 except Exception as e:  # noqa: BLE001  a URL never crashes a run: it is a row
                     last = _fail(url, "error", f"{type(e).__name__}: {' '.join(str(e).split())[:200]}")  # fmt: skip
             if last.status == "ok" or not last.transient or attempt == policy.retries:
@@ -149,7 +151,7 @@ def _fail(url: str, kind: str, error: str, status: int | None = None, **kw) -> F
     return Fetched(url, None, "error", error, status, kind, **kw)
 
 
-def _fetch_once(url: str, policy: FetchPolicy) -> Fetched:
+def _fetch_once(url: str, policy: FetchPolicy, extra: dict[str, str]) -> Fetched:
     original = url
     for _hop in range(policy.max_redirects + 1):
         try:
@@ -183,12 +185,14 @@ def _fetch_once(url: str, policy: FetchPolicy) -> Fetched:
                 path += "?" + parts.query
             conn.request("GET", path, headers={
                 "Host": parts.netloc.rsplit("@", 1)[-1], "User-Agent": policy.user_agent,
-                "Accept": "image/*,*/*;q=0.8", "Accept-Encoding": "identity",
+                "Accept": "image/*,*/*;q=0.8", "Accept-Encoding": "identity", **extra,
             })  # fmt: skip
             resp = conn.getresponse()
             headers = {k.lower(): v for k, v in resp.getheaders()}
             if resp.status in REDIRECTS and headers.get("location"):
                 url = urljoin(url, headers["location"])
+                if urlsplit(url).netloc != parts.netloc:
+                    extra = {}  # a credential goes to the host it was meant for, no further
                 continue
             if resp.status != 200:
                 kind = "http_transient" if resp.status in TRANSIENT_HTTP else "http"
@@ -197,7 +201,10 @@ def _fetch_once(url: str, policy: FetchPolicy) -> Fetched:
             if policy.opt_out and tags & set(policy.opt_out):
                 return _fail(original, "opt_out", f"opted out: X-Robots-Tag {headers['x-robots-tag']}", 200)  # fmt: skip
             ctype = headers.get("content-type", "").split(";")[0].strip().lower()
-            if ctype and not ctype.startswith("image/") and ctype not in _BINARY:
+            taken = any(ctype.startswith(t) for t in policy.accept_types) or (
+                "image/" in policy.accept_types and ctype in _BINARY
+            )
+            if ctype and not taken:
                 return _fail(original, "content_type", f"wrong content type: {ctype}", 200)
             declared = headers.get("content-length", "")
             if declared.isdigit() and int(declared) > policy.max_bytes:
