@@ -128,7 +128,9 @@ def test_other_commands_name_missing_resources(demo_world, tmp_path, args, culpr
 
 
 @pytest.mark.parametrize(
-    "name", ["demo_knn_img", "demo_knn_text", "demo_knn_url", "demo_caption_search", "la1000_img2img", "la1000_txt2img"]
+    "name",
+    ["demo_knn_img", "demo_knn_text", "demo_knn_url", "demo_caption_search", "la1000_img2img",
+     "la1000_txt2img", "openverse_lemmas"],
 )  # fmt: skip
 def test_every_shipped_config_parses(demo_world, name):
     from .conftest import REPO
