@@ -60,7 +60,7 @@ def main() -> None:
         lemmas, gloss, _ = synsets[wnid[1:]]
         chain = hypernym_chain(wnid[1:], synsets)
         parent = synsets[chain[0][1:]][0] if chain else []  # the search queries' disambiguator
-        fields = [str(index), wnid, name, "|".join(lemmas), gloss, "|".join(chain), "|".join(parent)]
+        fields = [str(index), wnid, name, "|".join(lemmas), gloss, "|".join(chain), "|".join(parent)]  # fmt: skip
         assert not any("\t" in f or "\n" in f for f in fields)
         print("\t".join(fields))
 
