@@ -3,6 +3,7 @@ a corrupt part skipped and recorded, and the demo shift end to end through acqui
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -154,3 +155,21 @@ def test_demo_caption_shift_is_precise_and_survives_a_corrupt_part(demo_world, t
         assert any(said[i : i + len(lemma)] == lemma for i in range(len(said))), r
         assert lemmas[tuple(lemma)] == r["label"]
     assert run_cli("verify", str(shift)).returncode == 0
+
+
+def test_pool_index_metadata_gives_tar_ranges_that_read_back(demo_world):
+    """Over an `imagenetpp index`, candidates point into the pool's tars (no download), and
+    the bytes there are the picture the index row describes."""
+    from curators.caption_search import CaptionSearchCurator
+    from shards.sources import read_source
+
+    params = _tiny_params(demo_world, demo_world / "index", min_text_similarity=-1.0)
+    curator = CaptionSearchCurator(params)
+    classes = [c for c in label_set() if c.index in (1, 291)]
+    (unit, *_) = curator.units(classes)
+    cands = list(curator.candidates(unit))
+    assert cands and {c.label for c in cands} == {1, 291}
+    for c in cands[:20]:
+        assert c.locator["kind"] == "tar"
+        data = read_source(c.locator, demo_world)
+        assert hashlib.sha256(data).hexdigest() == c.sha256
