@@ -84,7 +84,7 @@ class CaptionSearchCurator:
 
     Params = CaptionSearchParams
     name = "caption_search"
-    resources = Resources(cpus=1.0, gpus=0.0)  # the text tower is small; parts are many
+    resources = Resources(cpus=1.0, gpus=0.25)  # where there are GPUs, four scanners share one
     license = None  # the pool's own, per sample
 
     def __init__(self, params: CaptionSearchParams) -> None:
