@@ -33,6 +33,15 @@ FLICKR_LICENSES = {"0": "all-rights-reserved", "1": "CC-BY-NC-SA-2.0", "2": "CC-
                    "3": "CC-BY-NC-ND-2.0", "4": "CC-BY-2.0", "5": "CC-BY-SA-2.0",
                    "6": "CC-BY-ND-2.0", "7": "no-known-copyright-restrictions",
                    "8": "US-government-work", "9": "CC0-1.0", "10": "PDM-1.0"}  # fmt: skip
+NO_FLICKR_KEY = f"flickr needs an API key in the environment variable {CREDENTIALS['flickr']}"
+
+
+def credential(provider: str) -> str:
+    """The provider's credential from the environment ('' when unset): read where it is used,
+    never stored on an object that could be logged or pickled into a result."""
+    return os.environ.get(CREDENTIALS[provider], "").strip()
+
+
 DEFAULT_LICENSES = {"openverse": ["by", "by-sa", "cc0", "pdm"], "flickr": ["4", "5", "9", "10"]}
 
 
@@ -51,8 +60,8 @@ class WebSearchParams:
 
     def check(self) -> dict[str, str]:
         problems = {}
-        if self.provider == "flickr" and not os.environ.get(CREDENTIALS["flickr"], "").strip():
-            problems["provider"] = f"flickr needs an API key in the environment variable {CREDENTIALS['flickr']}"  # fmt: skip
+        if self.provider == "flickr" and not credential("flickr"):
+            problems["provider"] = NO_FLICKR_KEY
         for name in ("wanted", "page_size", "max_pages"):
             if getattr(self, name) < 1:
                 problems[name] = "must be at least 1"
@@ -141,7 +150,7 @@ class WebSearchCurator:
         p = self.params
         licenses = p.licenses or DEFAULT_LICENSES[p.provider]
         if p.provider == "openverse":
-            token = os.environ.get(CREDENTIALS["openverse"], "").strip()
+            token = credential("openverse")
             headers = {"Authorization": f"Bearer {token}"} if token else {}
             body = self._get({"q": query, "page": page, "page_size": p.page_size,
                               "license": ",".join(licenses)}, headers)  # fmt: skip
@@ -151,9 +160,9 @@ class WebSearchCurator:
                 for r in body.get("results", []) if r.get("url")
             ]  # fmt: skip
             return images, page < int(body.get("page_count") or 0)
-        key = os.environ.get(CREDENTIALS["flickr"], "").strip()
+        key = credential("flickr")
         if not key:
-            raise ResourceError(f"flickr needs an API key in the environment variable {CREDENTIALS['flickr']}")  # fmt: skip
+            raise ResourceError(NO_FLICKR_KEY)
         body = self._get({
             "method": "flickr.photos.search", "api_key": key, "text": query, "page": page,
             "per_page": p.page_size, "license": ",".join(licenses), "sort": "relevance",
