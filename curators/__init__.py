@@ -19,6 +19,7 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
     "clip_knn": ("curators.knn_retrieval", "ClipKnnCurator", "ClipKnnParams"),
     "caption_search": ("curators.caption_search", "CaptionSearchCurator", "CaptionSearchParams"),
     "web_search": ("curators.web_search", "WebSearchCurator", "WebSearchParams"),
+    "diffusion": ("curators.diffusion", "DiffusionCurator", "DiffusionParams"),
 }
 
 

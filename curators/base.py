@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -64,6 +65,18 @@ def class_units(classes: Sequence[ImageNetClass]) -> list[Unit]:
     return [Unit(f"{c.index:04d}", (c.index,)) for c in classes]
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def exemplar_files(folder: str | Path, wnid: str, limit: int) -> list[Path]:
+    """A class's exemplar images in ImageNet-train layout (<folder>/<wnid>/*.JPEG), by name."""
+    class_dir = Path(folder) / wnid
+    if not class_dir.is_dir():
+        return []
+    files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return files[:limit]
+
+
 def unit_class(unit: Unit) -> ImageNetClass:
     """The one class of a per-class unit."""
     (label,) = unit.labels
@@ -92,6 +105,7 @@ class Candidate:
     seed: int | None = None
     prompt: str | None = None
     data: bytes | None = None  # bytes the curator made; stored by the stage, never kept here
+    generation: dict[str, Any] | None = None  # how it was made: sampler, steps, QC decisions
 
 
 class Curator(Protocol):

@@ -14,10 +14,17 @@ from typing import Literal
 
 import numpy as np
 
-from .base import Candidate, ResourceError, Resources, Unit, class_units, unit_class
+from .base import (
+    Candidate,
+    ResourceError,
+    Resources,
+    Unit,
+    class_units,
+    exemplar_files,
+    unit_class,
+)
 from .labels import ImageNetClass
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 TEMPLATES = {
     "simple": (
         "a photo of a {}.",
@@ -79,14 +86,6 @@ class ClipKnnParams:
         if not -1.0 <= self.min_similarity <= 1.0:
             problems["min_similarity"] = "must lie in [-1, 1]"
         return problems
-
-
-def exemplar_files(folder: str | Path, wnid: str, limit: int) -> list[Path]:
-    class_dir = Path(folder) / wnid
-    if not class_dir.is_dir():
-        return []
-    files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    return files[:limit]
 
 
 class ClipKnnCurator:

@@ -30,14 +30,15 @@ from shards.writer import ShardWriter
 
 from .errors import UserError
 
+JSON_COLUMNS = ("locator", "generation")  # dicts, stored as canonical JSON text
 _ARROW = {str: pa.string(), float: pa.float64(), int: pa.int64()}
 
 
 def _column_type(name: str, hint: Any) -> pa.DataType:
     if name == "embedding":
         return pa.list_(pa.float16())  # half the bytes; cosines to 1e-3, enough to dedupe
-    if name == "locator":
-        return pa.string()  # JSON
+    if name in JSON_COLUMNS:
+        return pa.string()
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     return _ARROW[hint]
@@ -67,7 +68,7 @@ def candidate_table(cands: list[Candidate], model: dict) -> pa.Table:
     for c in cands:
         for name in schema.names:
             value = getattr(c, name)
-            if name == "locator":
+            if name in JSON_COLUMNS and value is not None:
                 value = json.dumps(value, sort_keys=True)
             elif name == "embedding" and value is not None:
                 value = np.asarray(value, np.float16)

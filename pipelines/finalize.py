@@ -95,6 +95,7 @@ def finalize(shift_dir: Path, work, config, classes, run_facts: dict) -> dict:
         "skipped": {"count": skipped.num_rows, "by_reason": _reason_counts(skipped)},
         "sources_skipped": skipped_sources(work.root),
         "licenses": _licence_counts(ok["license"]),
+        "replaced": replacement_counts(ok["generation"]),
         "embeddings": embeddings,
         "run": {**run_facts, "host": socket.gethostname(), "python": platform.python_version()},
         "run_history": history,
@@ -132,6 +133,21 @@ def curator_facts(config, ok: pa.Table) -> dict:
     curator = create_curator(config.curator.name, config.curator.params)  # cheap: loads nothing
     model = json.loads(ok["model"][0].as_py()) if ok.num_rows else None
     return {"license": getattr(curator, "license", None), "model": model}
+
+
+def replacement_counts(column: pa.ChunkedArray) -> dict | None:
+    """Generated samples' quality control: how many kept samples replaced a try, and the tries
+    replaced per failed check. None for a shift that generated nothing."""
+    if column.null_count == len(column):
+        return None
+    samples = tries = 0
+    by_check: Counter = Counter()
+    for text in column.drop_null().to_pylist():  # one per generated sample, small JSON
+        replaced = json.loads(text).get("replaced") or []
+        samples += bool(replaced)
+        tries += len(replaced)
+        by_check.update(r.get("check", "other") for r in replaced)
+    return {"samples": samples, "tries": tries, "by_check": dict(sorted(by_check.items()))}
 
 
 def acquire_summary(folder: Path) -> dict | None:

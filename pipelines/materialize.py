@@ -47,6 +47,7 @@ ROW_SCHEMA = pa.schema(
         ("model", pa.string()),
         ("seed", pa.int64()),
         ("prompt", pa.string()),
+        ("generation", pa.string()),  # JSON: how a generated sample was made (None otherwise)
         ("sha256", pa.string()),
         ("width", pa.int32()),
         ("height", pa.int32()),
@@ -72,7 +73,7 @@ class SampleContext:
 
 def sample_metadata(ctx: SampleContext, row: dict, sha256: str, width: int, height: int) -> dict:
     wnid, name = ctx.class_names[row["label"]]
-    return {
+    meta = {
         "key": row["key"],
         "label": row["label"],
         "wnid": wnid,
@@ -99,6 +100,9 @@ def sample_metadata(ctx: SampleContext, row: dict, sha256: str, width: int, heig
         "config_hash": ctx.config_hash,
         "version": __version__,
     }
+    if row.get("generation"):  # only generated samples carry it: others' bytes stay as they were
+        meta["generation"] = json.loads(row["generation"])
+    return meta
 
 
 def write_shard(ctx: SampleContext, plan_file: Path, shard_path: Path, rows_path: Path) -> dict:

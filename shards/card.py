@@ -36,6 +36,18 @@ def _model_line(manifest: dict) -> str:
     return f"Candidates were scored or made by `{model['name']}` (weights: {model.get('weights')})."
 
 
+def _replaced_line(manifest: dict) -> str:
+    replaced = manifest.get("replaced")
+    if not replaced:
+        return ""
+    checks = ", ".join(f"{k} {n}" for k, n in replaced["by_check"].items()) or "none"
+    return (
+        f"Generated samples: {replaced['samples']} replaced an output that failed quality "
+        f"control ({replaced['tries']} tries replaced; by check: {checks}); each sample's "
+        "`generation.replaced` lists the seeds it replaced and why."
+    )
+
+
 def dataset_card(manifest: dict) -> str:
     shift = manifest["shift"]
     shortfalls = manifest["shortfalls"]
@@ -75,6 +87,7 @@ def dataset_card(manifest: dict) -> str:
         "",
         _licence_line(manifest),
         _model_line(manifest),
+        _replaced_line(manifest),
         "",
     ]
     if shortfalls:

@@ -26,6 +26,7 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO)}  # Ray workers import tests.fake_c
 DEMO_CONFIGS = {
     "clip_knn": REPO / "configs" / "demo_knn_img.yaml",
     "caption_search": REPO / "configs" / "demo_caption_search.yaml",
+    "diffusion": REPO / "configs" / "demo_sd_txt2img.yaml",
 }
 WNIDS = ["n01443537", "n01614925", "n02007558"]  # labels 1, 22, 130
 LOOPBACK = {"allow_networks": ["127.0.0.1/32"]}  # the test server; private hosts are refused
