@@ -54,7 +54,7 @@ class DiffusionParams:
     prompts: list[str] = field(default_factory=lambda: ["A photo of {name}"])  # sample i: i % n
     negative_prompt: str | None = None
     exemplars: str | None = None  # img2img: ImageNet-train layout, <dir>/<wnid>/*.JPEG
-    images_per_class: int = 1300  # sample indices 0..n-1 per class
+    images_per_class: int | None = None  # sample indices 0..n-1 per class; None: the target
     first_seed: int = 1  # SD1000: seeds 1..1300, the same for every class
     distinct_class_seeds: bool = False  # add label * images_per_class * max_attempts
     unit_size: int = 100  # samples per unit (the resume granularity)
@@ -92,9 +92,13 @@ class DiffusionParams:
                 template.format(**{k: "" for k in TEMPLATE_FIELDS})
             except (KeyError, IndexError, ValueError) as e:
                 problems["prompts"] = f"template {template!r}: {e!r} (fields: {', '.join('{' + f + '}' for f in TEMPLATE_FIELDS)})"  # fmt: skip
-        for name in ("steps", "images_per_class", "unit_size", "max_attempts", "batch_size", "size", "cpu_threads"):  # fmt: skip
+        if self.images_per_class is None:
+            problems["images_per_class"] = "give a number (a shift config fills in its target_per_class)"  # fmt: skip
+        for name in ("steps", "unit_size", "max_attempts", "batch_size", "size", "cpu_threads"):  # fmt: skip
             if getattr(self, name) < 1:
                 problems[name] = "must be at least 1"
+        if (self.images_per_class or 1) < 1:
+            problems["images_per_class"] = "must be at least 1"
         if self.size % 8:
             problems["size"] = "must be a multiple of 8 (the VAE's scale)"
         if self.min_clip_similarity is not None and not -1.0 <= self.min_clip_similarity <= 1.0:

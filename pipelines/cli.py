@@ -14,7 +14,13 @@ from .errors import PartialFailure, UserError
 DESCRIPTION = """Build class-balanced ImageNet-sized training-data shifts with per-sample
 provenance. Start with `imagenetpp demo`; `imagenetpp COMMAND --help` for each command."""
 # Shipped configs (configs/), found wherever the package is installed: one per curator path.
-DEMO_CONFIGS = ("demo_knn_img", "demo_knn_url", "demo_caption_search")
+DEMO_CONFIGS = (
+    "demo_knn_img",
+    "demo_knn_url",
+    "demo_caption_search",
+    "demo_sd_txt2img",
+    "demo_sd_img2img",
+)
 
 
 class _Formatter(argparse.HelpFormatter):

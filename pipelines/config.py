@@ -360,9 +360,11 @@ def parse_config(data: Any, check_resources: bool = True) -> ShiftConfig:
     config = build_dataclass(ShiftConfig, {**rest, "curator": {"name": curator["name"]}})
     _check_classes(config.classes)
     config.curator.demo_params = demo_names
+    if getattr(params, "images_per_class", 0) is None:  # a generator makes the target by default
+        params.images_per_class = config.target_per_class
     if check_resources:
         if demo_names:
-            params = build_dataclass(params_cls, _resolve_demo_paths(raw_params), "curator.params")
+            params = dataclasses.replace(params, **_resolve_demo_paths(_demo_names(raw_params)))
         if hasattr(params, "check"):
             for name, problem in params.check().items():
                 raise ConfigError(f"config key 'curator.params.{name}': {problem}")

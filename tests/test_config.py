@@ -130,7 +130,8 @@ def test_other_commands_name_missing_resources(demo_world, tmp_path, args, culpr
 @pytest.mark.parametrize(
     "name",
     ["demo_knn_img", "demo_knn_text", "demo_knn_url", "demo_caption_search", "la1000_img2img",
-     "la1000_txt2img", "openverse_lemmas"],
+     "la1000_txt2img", "openverse_lemmas", "demo_sd_txt2img", "demo_sd_img2img",
+     "sd1000_txt2img", "sd1000_img2img"],
 )  # fmt: skip
 def test_every_shipped_config_parses(demo_world, name):
     from .conftest import REPO
