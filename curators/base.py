@@ -108,6 +108,16 @@ class Candidate:
     generation: dict[str, Any] | None = None  # how it was made: sampler, steps, QC decisions
 
 
+@dataclass(frozen=True)
+class Rejected:
+    """A sample the curator tried to make or find and gave up on, with why. Yielded beside
+    the candidates; the stage records it, so a class's shortfall can say what happened."""
+
+    label: int
+    source_id: str
+    reason: str
+
+
 class Curator(Protocol):
     name: str
     resources: Resources
@@ -124,7 +134,7 @@ class Curator(Protocol):
 
     def units(self, classes: Sequence[ImageNetClass]) -> list[Unit]: ...
 
-    def candidates(self, unit: Unit) -> Iterable[Candidate]: ...
+    def candidates(self, unit: Unit) -> Iterable[Candidate | Rejected]: ...
 
     # Optional: embedding_model() -> (open_clip model, weights), the CLIP model that embeds
     # candidates returned without an embedding when the config names none (`embed`).

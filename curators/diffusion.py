@@ -9,7 +9,8 @@ prompts, or image-to-image from class exemplars, seeded per sample, with quality
    again with the sample's next seed, ``seed + k * images_per_class`` for try ``k``; so is
    one whose CLIP similarity to its prompt is under ``min_clip_similarity`` (optional). Every
    replaced try is recorded in the sample's provenance. A sample that fails all
-   ``max_attempts`` is not made: its class comes up short, and the manifest says so.
+   ``max_attempts`` is not made (it is yielded as ``Rejected``, with why): its class comes
+   up short, and the manifest says so.
 3. The bytes go back to the candidates stage (``Candidate.data``), which stores them; a
    committed unit is never generated again.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ import numpy as np
 
 from .base import (
     Candidate,
+    Rejected,
     Resources,
     SourceUnreadable,
     Unit,
@@ -190,7 +193,7 @@ class DiffusionCurator:
             self._clip = ClipEncoder(p.clip_model, p.clip_pretrained, p.device, p.batch_size)
         return self._clip
 
-    def candidates(self, unit: Unit) -> Iterator[Candidate]:
+    def candidates(self, unit: Unit) -> Iterator[Candidate | Rejected]:
         p = self.params
         cls = unit_class(unit)
         first, count = unit.params["first"], unit.params["count"]
@@ -200,6 +203,7 @@ class DiffusionCurator:
         settings = self._settings()
         pending = [_Try(i) for i in indices]
         done: list[Candidate] = []
+        failed: list[Rejected] = []
         while pending:
             batch, pending = pending[: p.batch_size], pending[p.batch_size :]
             retry = []
@@ -213,8 +217,12 @@ class DiffusionCurator:
                 t.attempt += 1
                 if t.attempt < p.max_attempts:
                     retry.append(t)
+                else:
+                    checks = Counter(r["check"] for r in t.replaced)
+                    why = ", ".join(f"{k} x{n}" for k, n in sorted(checks.items()))
+                    failed.append(Rejected(cls.index, f"{cls.wnid}/{t.index:05d}", f"quality control: all {p.max_attempts} tries failed ({why})"))  # fmt: skip
             pending = retry + pending  # replacements first: a unit's order never depends on timing
-        return iter(sorted(done, key=lambda c: c.generation["index"]))
+        return iter([*sorted(done, key=lambda c: c.generation["index"]), *failed])
 
     def _settings(self) -> dict[str, Any]:
         p = self.params

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curators import Candidate, ImageNetClass, create_curator
-from curators.base import SourceUnreadable, Unit
+from curators.base import Rejected, SourceUnreadable, Unit
 from shards.atomic import atomic_path, atomic_write_bytes
 from shards.sources import blob_path
 from shards.writer import ShardWriter
@@ -139,22 +139,45 @@ def skipped_sources(work_root: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []  # fmt: skip
 
 
+def rejected_path(work_root: Path, unit: Unit) -> Path:
+    return work_root / "rejected" / f"{unit.id}.parquet"
+
+
+REJECTED_SCHEMA = pa.schema([("label", pa.int64()), ("source_id", pa.string()), ("reason", pa.string())])  # fmt: skip
+
+
+def rejected_table(work_root: Path) -> pa.Table:
+    """Every sample a curator gave up on (label, source id, reason), over all units."""
+    folder = work_root / "rejected"
+    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+    tables = [pq.read_table(f, schema=REJECTED_SCHEMA) for f in files]
+    return pa.concat_tables(tables) if tables else REJECTED_SCHEMA.empty_table()
+
+
 def unit_work(folder: Path, work_root: Path, curator, unit: Unit) -> dict:
     """The candidates unit: the curator's candidates for one unit, blobs stored, committed."""
     try:
-        cands = list(curator.candidates(unit))
+        items = list(curator.candidates(unit))
     except SourceUnreadable as e:  # recorded before the commit below; the other units go on
         note = skipped_source_path(work_root, unit)
         note.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(note, json.dumps({"unit": unit.id, "reason": str(e)}).encode())
-        cands = []
+        items = []
+    cands = [c for c in items if not isinstance(c, Rejected)]
+    rejected = [r for r in items if isinstance(r, Rejected)]
+    if rejected:  # before the commit below, like the blobs
+        table = pa.Table.from_pylist([vars(r) for r in rejected], schema=REJECTED_SCHEMA)
+        path = rejected_path(work_root, unit)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp)
     allowed = set(unit.labels)
-    stray = next((c.label for c in cands if c.label not in allowed), None)
+    stray = next((c.label for c in items if c.label not in allowed), None)
     if stray is not None:
         raise UserError(f"curator {curator.name} gave label {stray} in unit {unit.id}, which covers {sorted(allowed)}")  # fmt: skip
     blobs = store_blobs(work_root, unit, cands)  # the tar first: the parquet is the commit
     write_candidates(candidates_path(folder, unit), cands, curator.model)
-    return {"unit": unit.id, "samples": len(cands), "blobs": blobs}
+    return {"unit": unit.id, "samples": len(cands), "blobs": blobs, "rejected": len(rejected)}
 
 
 def plan_units(config, classes: list[ImageNetClass], curator=None) -> list[Unit]:

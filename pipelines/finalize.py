@@ -19,7 +19,7 @@ from shards.card import dataset_card
 from shards.manifest import EMBEDDINGS, FORMAT, INDEX, MANIFEST, read_manifest, write_json
 
 from . import __version__
-from .candidates import skipped_sources
+from .candidates import rejected_table, skipped_sources
 from .materialize import ROW_SCHEMA
 from .select import shortfall_reason
 
@@ -60,17 +60,24 @@ def finalize(shift_dir: Path, work, config, classes, run_facts: dict) -> dict:
     stats = {s["label"]: s for s in json.loads((work.plan / "stats.json").read_text())["classes"]}
     kept = Counter(ok["wnid"].to_pylist())
     lost = Counter(skipped["wnid"].to_pylist())
+    rejected = rejected_table(work.root)
+    gave_up: dict[int, Counter] = {}
+    for label, reason in zip(rejected["label"].to_pylist(), rejected["reason"].to_pylist(), strict=True):  # fmt: skip
+        gave_up.setdefault(label, Counter())[reason] += 1
     per_class, shortfalls = [], []
     for c in classes:
         s = stats[c.index]
         entry = {
             "label": c.index, "wnid": c.wnid, "name": c.name, "target": config.target_per_class,
             "candidates": s["candidates"], "selected": s["selected"], "kept": kept[c.wnid],
-            "skipped": lost[c.wnid],
+            "skipped": lost[c.wnid], "rejected": sum(gave_up.get(c.index, {}).values()),
         }  # fmt: skip
         per_class.append(entry)
         if entry["kept"] < entry["target"]:
             reason = shortfall_reason(s)
+            if entry["rejected"]:
+                why, n = gave_up[c.index].most_common(1)[0]
+                reason = f"{entry['rejected']} tried and rejected by the curator (most: {why}, {n}); {reason}"  # fmt: skip
             if entry["skipped"]:
                 reason += f"; {entry['skipped']} skipped while writing"
             shortfalls.append(
@@ -94,6 +101,7 @@ def finalize(shift_dir: Path, work, config, classes, run_facts: dict) -> dict:
         "shortfalls": shortfalls,
         "skipped": {"count": skipped.num_rows, "by_reason": _reason_counts(skipped)},
         "sources_skipped": skipped_sources(work.root),
+        "rejected": {"count": rejected.num_rows, "by_reason": _reason_counts(rejected)},
         "licenses": _licence_counts(ok["license"]),
         "replaced": replacement_counts(ok["generation"]),
         "embeddings": embeddings,

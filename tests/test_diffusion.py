@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from curators import label_set
+from curators import Candidate, label_set
+from curators.base import Rejected
 from curators.diffusion import DiffusionCurator, DiffusionParams
 from curators.diffusion_models import build_tiny_pipeline, weights_digest
 from pipelines.config import load_config
@@ -119,7 +120,9 @@ def flagging_model(tmp_path_factory):
 def test_black_outputs_are_replaced_with_the_next_seed_and_recorded(flagging_model):
     params = tiny_params(flagging_model, max_attempts=6)
     curator = DiffusionCurator(params)
-    cands = list(curator.candidates(curator.units([GOLDFISH])[0]))
+    items = list(curator.candidates(curator.units([GOLDFISH])[0]))
+    cands = [c for c in items if isinstance(c, Candidate)]
+    assert all(isinstance(r, Rejected) and "tries failed (blank x6)" in r.reason for r in items[len(cands) :])  # fmt: skip
     replaced = [r for c in cands for r in c.generation["replaced"]]
     assert replaced, "a checker flagging half the outputs flagged none"
     assert {r["check"] for r in replaced} == {"blank"}
@@ -139,6 +142,9 @@ def test_a_class_that_cannot_be_filled_is_a_reported_shortfall(demo_world, tmp_p
     manifest = json.loads((tmp_path / "demo-sd-txt2img" / "manifest.json").read_text())
     assert manifest["total_samples"] == 0
     assert [(s["wnid"], s["shortfall"]) for s in manifest["shortfalls"]] == [("n01443537", 4)]
+    assert "4 tried and rejected by the curator" in manifest["shortfalls"][0]["reason"]
+    assert "all 2 tries failed (blank x2)" in manifest["shortfalls"][0]["reason"]
+    assert manifest["rejected"] == {"count": 4, "by_reason": {"quality control": 4}}
     assert "n01443537" in proc.stdout + proc.stderr
 
 
@@ -150,7 +156,9 @@ def test_clip_filter_keeps_only_images_close_to_their_prompt(demo_world):
     sims = sorted(c.generation["clip_similarity"] for c in everything.candidates(unit))
     floor = float(np.median(sims))
     curator = DiffusionCurator(tiny_params(model, min_clip_similarity=floor, max_attempts=3, **clip))  # fmt: skip
-    kept = list(curator.candidates(unit))
+    items = list(curator.candidates(unit))
+    kept = [c for c in items if isinstance(c, Candidate)]
+    assert len(kept) + sum(isinstance(r, Rejected) for r in items) == 8  # every index accounted for
     assert all(c.generation["clip_similarity"] >= floor for c in kept)
     assert all(c.score == c.generation["clip_similarity"] and c.embedding is not None for c in kept)
     rejected = [r for c in kept for r in c.generation["replaced"]]
