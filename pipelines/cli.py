@@ -92,19 +92,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .config import load_config
     from .curate import curate
     from .demo_world import DEMO_POOL_HOST, ensure_demo_world, serve_pool
+    from .errors import ConfigError
     from .executor import check_ray_address
     from .finalize import compare_table, summary_table
     from .workdir import check_output
 
     out = Path(args.out)
-    configs = [load_config(name, _overrides(args), check_resources=False) for name in DEMO_CONFIGS]  # fmt: skip
+    names = DEMO_CONFIGS
+    if args.only:
+        names = tuple(n.strip().removesuffix(".yaml") for n in args.only.split(",") if n.strip())
+        unknown = [n for n in names if n not in DEMO_CONFIGS]
+        if unknown or not names:
+            raise ConfigError(f"--only: unknown demo shift {(unknown or [''])[0]!r} (known: {', '.join(DEMO_CONFIGS)})")  # fmt: skip
+    configs = [load_config(name, _overrides(args), check_resources=False) for name in names]
     for config in configs:  # everything typed is checked before the world is built
         check_output(out / config.shift)
     if configs[0].run.executor == "ray":
         check_ray_address(configs[0].run.ray_address)
     manifests = []
     with serve_pool(ensure_demo_world()) as address:
-        for name in DEMO_CONFIGS:
+        for name in names:
             config = load_config(name, _overrides(args))
             config.run.resolve = {DEMO_POOL_HOST: address}  # how to reach it: not hashed
             print(f"== {config.shift} ({name}.yaml)", flush=True)
@@ -303,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override a key of the demo config"
     )
+    p.add_argument(
+        "--only", metavar="NAME[,NAME]",
+        help=f"curate only these demo shifts (default: all of {', '.join(DEMO_CONFIGS)})",
+    )  # fmt: skip
     _run_options(p)
     p.set_defaults(func=cmd_demo)
 

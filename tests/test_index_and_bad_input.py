@@ -156,7 +156,8 @@ def test_index_killed_midway_resumes_to_the_same_bytes(demo_world, tmp_path):
     from .conftest import CLI, REPO
 
     ckpt = str(demo_world / "model" / "imagenetpp-tiny.pt")
-    args = ["index", str(demo_world / "pool"), "--model", "imagenetpp-tiny", "--pretrained", ckpt,
+    pool = str(demo_world / "pool" / "pool-{00000..00001}.tar")  # two shards: one done, one left
+    args = ["index", pool, "--model", "imagenetpp-tiny", "--pretrained", ckpt,
             "--executor", "local", "--no-progress", "--batch-size", "32"]  # fmt: skip
     assert run_cli(*args, "--out", str(tmp_path / "clean")).returncode == 0
     out = tmp_path / "killed"
@@ -166,8 +167,9 @@ def test_index_killed_midway_resumes_to_the_same_bytes(demo_world, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL and not (out / "index_info.json").exists()
+    assert not (out / "metadata" / "metadata_00001.parquet").exists()  # killed with work left
     assert run_cli(*args, "--out", str(out)).returncode == 0
-    for rel in ["image.index", "img_emb/img_emb_00003.npy", "text_emb/text_emb_00000.npy", "metadata/metadata_00002.parquet"]:  # fmt: skip
+    for rel in ["image.index", "img_emb/img_emb_00001.npy", "text_emb/text_emb_00000.npy", "metadata/metadata_00001.parquet"]:  # fmt: skip
         assert (out / rel).read_bytes() == (tmp_path / "clean" / rel).read_bytes(), rel
 
 
