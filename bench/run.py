@@ -16,6 +16,12 @@ measured in the same run. Writes bench/results.json. Not a test: nothing here as
   (same concurrency, with decoding)
 - download: `imagenetpp download` vs img2dataset 1.47.0 (its own venv) over the same 3000
   loopback URLs of 500x375 JPEGs, same resize settings and cores (images/s, ratio)
+- diffusion: `imagenetpp curate` with the diffusion curator (default executor, Ray) on a tiny
+  SD-layout pipeline at 256 px, 20 steps, vs a bare diffusers loop in its own process making
+  the same images, start-up included on both sides (images/s, ratio); plus the in-process
+  steady state (one unit through the curator vs the same pipeline called bare)
+- sd15_cost: FLOPs of one SD 1.5 image at 512 px, 20 steps (FlopCounterMode over randomly
+  initialised UNet, VAE decoder, CLIP text tower) and the H100 GPU-hours for 1.3M images
 
 `python bench/run.py [NAME ...]` runs the named entries only (default: all) and merges them
 into an existing results.json ($BENCH_RESULTS names another file, e.g. for a smoke run with
@@ -728,6 +734,293 @@ def bench_caption_match(
     }  # fmt: skip
 
 
+# --- diffusion: the curator through the CLI vs a bare diffusers loop ----------------------
+
+DIFFUSION = {"size": 256, "steps": 20, "batch": 8, "classes": 5, "per_class": 16, "unit": 8}
+
+
+def bench_sd_pipeline(size: int) -> Path:
+    """A tiny SD pipeline (SD's layout at toy width, random weights, no safety checker) at
+    ``size`` px, built once into bench/work (heavier than the demo's 64 px one)."""
+    from curators.diffusion_models import build_tiny_pipeline
+
+    folder = WORK / "bench-sd"
+    unet = folder / "unet" / "config.json"
+    if not unet.exists() or json.loads(unet.read_text()).get("sample_size") != size // 8:
+        build_tiny_pipeline(folder, seed=0, size=size, flagged=0.0)
+    return folder
+
+
+def diffusion_config(path: Path, model: Path, d: dict) -> dict:
+    import yaml
+
+    config = {
+        "shift": "bench-diffusion",
+        "seed": 0,
+        "classes": {"first": d["classes"]},
+        "target_per_class": d["per_class"],
+        "curator": {
+            "name": "diffusion",
+            "params": {
+                "model": str(model),
+                "mode": "txt2img",
+                "scheduler": "unipc",
+                "steps": d["steps"],
+                "guidance": 7.5,
+                "size": d["size"],
+                "prompts": ["A photo of {name}"],
+                "images_per_class": d["per_class"],
+                "unit_size": d["unit"],
+                "batch_size": d["batch"],
+                "blob_format": "png",
+            },
+        },  # fmt: skip
+        "shards": {"samples_per_shard": 100},
+        "image": {"max_side": d["size"], "jpeg_quality": 90},
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return config
+
+
+def diffusion_batches(d: dict) -> list[list[tuple[str, str, int]]]:
+    """The curator's pipeline calls for the shift, in order: per class, per unit, batches of
+    batch_size in index order; sample i of class c is "A photo of <name>" with seed 1 + i."""
+    from curators.labels import label_set
+
+    batches = []
+    for cls in label_set()[: d["classes"]]:
+        for first in range(0, d["per_class"], d["unit"]):
+            idx = list(range(first, min(first + d["unit"], d["per_class"])))
+            for b in range(0, len(idx), d["batch"]):
+                batches.append([(f"{cls.wnid}_{i:05d}", f"A photo of {cls.name}", 1 + i) for i in idx[b : b + d["batch"]]])  # fmt: skip
+    return batches
+
+
+def diffusion_steady_state(model: Path, d: dict, repeats: int = 3) -> dict:
+    """In one process, one torch thread (the curator's cpu_threads default): one unit through
+    DiffusionCurator.candidates (after a warm-up unit, which loads the pipeline) vs the same
+    pipeline object called bare for the same prompts, seeds and batches."""
+    import torch
+
+    from curators.diffusion import DiffusionCurator, DiffusionParams
+    from curators.labels import select_classes
+
+    params = DiffusionParams(
+        model=str(model), mode="txt2img", scheduler="unipc", steps=d["steps"], guidance=7.5,
+        size=d["size"], prompts=["A photo of {name}"], images_per_class=d["per_class"],
+        unit_size=d["unit"], batch_size=d["batch"], blob_format="png", device="cpu",
+    )  # fmt: skip
+    curator = DiffusionCurator(params)
+    units = curator.units(select_classes(first=d["classes"]))
+    warm, unit = units[0], units[1]
+    list(curator.candidates(warm))  # loads the pipeline, hashes the weights
+    cls = select_classes(first=d["classes"])[0]
+    first, count = unit.params["first"], unit.params["count"]
+    idx = list(range(first, first + count))
+    pipe = curator.pipe
+    threads = torch.get_num_threads()
+
+    def ours() -> float:
+        t = time.perf_counter()
+        made = list(curator.candidates(unit))
+        assert len(made) == count, len(made)
+        return time.perf_counter() - t
+
+    def bare() -> float:
+        torch.set_num_threads(params.cpu_threads)
+        try:
+            t = time.perf_counter()
+            for b in range(0, count, d["batch"]):
+                chunk = idx[b : b + d["batch"]]
+                gens = [torch.Generator("cpu").manual_seed(1 + i) for i in chunk]
+                with torch.inference_mode():
+                    pipe([f"A photo of {cls.name}"] * len(chunk), num_inference_steps=d["steps"],
+                         guidance_scale=7.5, height=d["size"], width=d["size"], generator=gens,
+                         output_type="pil")  # fmt: skip
+            return time.perf_counter() - t
+        finally:
+            torch.set_num_threads(threads)
+
+    t_ours = t_bare = float("inf")
+    for _ in range(repeats):  # interleaved, best of: this machine drifts
+        t_bare = min(t_bare, bare())
+        t_ours = min(t_ours, ours())
+    return {
+        "images": count,
+        "torch_threads": params.cpu_threads,
+        "ours_s": round(t_ours, 3),
+        "bare_s": round(t_bare, 3),
+        "steady_state_ratio": round(t_bare / t_ours, 3),
+    }
+
+
+def bench_diffusion(repeats: int = 2) -> dict:
+    """`imagenetpp curate` with the diffusion curator (default executor, Ray; start-up, weight
+    hashing, select and materialize included) vs bench/naive_diffusion.py, a bare diffusers
+    loop in its own process (imports and pipeline load included) making the same images."""
+    from _proc import run_cmd
+
+    d = DIFFUSION
+    model = bench_sd_pipeline(d["size"])
+    config = WORK / "diffusion.yaml"
+    diffusion_config(config, model, d)
+    batches = diffusion_batches(d)
+    images = sum(len(b) for b in batches)
+    jobs = WORK / "diffusion-jobs.json"
+    jobs.write_text(json.dumps({"steps": d["steps"], "guidance": 7.5, "size": d["size"], "batches": batches}))  # fmt: skip
+    logs = WORK / "logs"
+
+    def ours() -> tuple[float, dict]:
+        out = fresh(WORK / "diffusion-ours")
+        cmd = [*cli(), "curate", str(config), "--out", str(out), "--no-progress"]
+        wall = run_cmd(cmd, logs / "diffusion_ours.log", cwd=REPO)["wall_s"]
+        manifest = json.loads((out / "bench-diffusion" / "manifest.json").read_text())
+        assert manifest["total_samples"] == images, manifest["total_samples"]
+        return wall, manifest
+
+    def naive() -> float:
+        out = fresh(WORK / "diffusion-naive")
+        cmd = [sys.executable, str(HERE / "naive_diffusion.py"), str(model), str(jobs), str(out)]
+        wall = run_cmd(cmd, logs / "diffusion_naive.log", cwd=REPO)["wall_s"]
+        assert sum(1 for _ in out.glob("*.png")) == images
+        return wall
+
+    t_naive, best = float("inf"), (float("inf"), {})
+    for _ in range(repeats):  # interleaved, best of: this machine drifts
+        t_naive = min(t_naive, naive())
+        run = ours()
+        best = min(best, run, key=lambda r: r[0])
+    t_ours, manifest = best
+    steady = diffusion_steady_state(model, d)
+    cores = os.cpu_count() or 1
+    return {
+        "model": f"tiny SD layout, random weights, {d['size']} px, no safety checker",
+        "size": d["size"],
+        "steps": d["steps"],
+        "guidance": 7.5,
+        "batch_size": d["batch"],
+        "classes": d["classes"],
+        "images_per_class": d["per_class"],
+        "unit_size": d["unit"],
+        "images": images,
+        "ours_threads": f"Ray, one worker per core ({cores}), cpu_threads=1 torch thread each",
+        "naive_threads": f"one process, torch default threads ({cores})",
+        "ours_s": round(t_ours, 3),
+        "naive_s": round(t_naive, 3),
+        "ours_images_per_s": round(images / t_ours, 3),
+        "naive_images_per_s": round(images / t_naive, 3),
+        "ratio": round(t_naive / t_ours, 3),
+        "stages_s": find_stages(manifest),
+        "steady_state_ratio": steady["steady_state_ratio"],
+        "steady_state": steady,
+        "goal": ">= 0.95",
+    }
+
+
+# --- SD 1.5's cost per image, counted ---------------------------------------------------
+
+H100_PEAK_FLOPS = 989e12  # H100 SXM, dense bf16/fp16 tensor-core peak
+
+
+def bench_sd15_cost(steps: int = 20, images: int = 1_300_000, mfu: float = 0.35) -> dict:
+    """FLOPs of one SD 1.5 image at 512 px, counted by torch's FlopCounterMode on CPU over
+    randomly initialised modules built from SD 1.5's configs (UNet, VAE, CLIP ViT-L/14 text
+    tower): UNet forward at batch 2 (classifier-free guidance), VAE decode of one latent,
+    text encoder over 2 prompts (the prompt and the empty negative). Attention runs the eager
+    matmul path (diffusers' AttnProcessor, transformers' "eager"): CPU's fused
+    scaled_dot_product_attention kernel is not in FlopCounterMode's registry, so it would
+    count as zero."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    torch.set_grad_enabled(False)
+
+    def count(fn) -> tuple[int, float]:
+        t = time.perf_counter()
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops(), time.perf_counter() - t
+
+    def params(m) -> int:
+        return sum(p.numel() for p in m.parameters())
+
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, cross_attention_dim=768,
+        block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, norm_num_groups=32,
+    ).eval()  # fmt: skip
+    unet.set_attn_processor(AttnProcessor())
+    latents, t_step, context = torch.randn(2, 4, 64, 64), torch.tensor(999), torch.randn(2, 77, 768)  # fmt: skip
+    unet_flops, unet_s = count(lambda: unet(latents, t_step, encoder_hidden_states=context))
+    unet_params = params(unet)
+
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+        block_out_channels=(128, 256, 512, 512), sample_size=512, norm_num_groups=32,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    ).eval()  # fmt: skip
+    vae.set_attn_processor(AttnProcessor())
+    decode_flops, decode_s = count(lambda: vae.decode(torch.randn(1, 4, 64, 64)))
+    vae_decoder_params = params(vae.decoder) + params(vae.post_quant_conv)
+    vae_params = params(vae)
+
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+            num_hidden_layers=12, vocab_size=49408, max_position_embeddings=77,
+            hidden_act="quick_gelu", projection_dim=768, attn_implementation="eager",
+        )
+    ).eval()  # fmt: skip
+    ids = torch.randint(0, 49408, (2, 77))
+    text_flops, text_s = count(lambda: text(ids))
+    text_params = params(text)
+
+    per_image = steps * unet_flops + decode_flops + text_flops
+
+    def gpu_hours(u: float) -> float:
+        return round(images * per_image / (H100_PEAK_FLOPS * u) / 3600, 1)
+
+    return {
+        "method": "torch.utils.flop_counter.FlopCounterMode, CPU float32, real forwards "
+        "over randomly initialised modules (SD 1.5 configs); eager attention",
+        "resolution": 512,
+        "steps": steps,
+        "unet_forward_batch2_flops": unet_flops,
+        "vae_decode_1_latent_flops": decode_flops,
+        "text_encoder_2_prompts_flops": text_flops,
+        "flops_per_image": per_image,
+        "tflops_per_image": round(per_image / 1e12, 2),
+        "share_unet": round(steps * unet_flops / per_image, 4),
+        "share_vae_decode": round(decode_flops / per_image, 4),
+        "params": {
+            "unet": unet_params,
+            "vae": vae_params,
+            "vae_decoder": vae_decoder_params,
+            "text_encoder": text_params,
+            "total": unet_params + vae_params + text_params,
+        },  # fmt: skip
+        "cpu_count_s": {
+            "unet": round(unet_s, 1),
+            "vae_decode": round(decode_s, 1),
+            "text": round(text_s, 2),
+        },  # fmt: skip
+        "images": images,
+        "h100_peak_flops": H100_PEAK_FLOPS,
+        "h100_peak_note": "H100 SXM dense bf16/fp16 tensor-core peak (no sparsity)",
+        "assumed_mfu": mfu,
+        "h100_gpu_hours": gpu_hours(mfu),
+        "h100_gpu_hours_by_mfu": {str(u): gpu_hours(u) for u in (0.25, 0.35, 0.5)},
+        "note": "FLOPs = 2 x multiply-adds (FlopCounterMode's convention); counts only matmul, "
+        "conv and attention-matmul FLOPs (norms, activations, softmax and the scheduler step "
+        "are not counted); GPU-hours are compute only (no loading, encoding or writing)",
+    }
+
+
 def _index_embed() -> dict:
     from pipelines.demo_world import world_dir
 
@@ -752,6 +1045,11 @@ ENTRIES = {
         "first run installs img2dataset into bench/work/i2d-venv",
         lambda: {"download_vs_img2dataset": bench_download_vs_img2dataset()},
     ),
+    "diffusion": (
+        "first run builds the tiny SD pipeline into bench/work/bench-sd",
+        lambda: {"diffusion_vs_diffusers": bench_diffusion()},
+    ),
+    "sd15_cost": ("counted on CPU, ~2 min", lambda: {"sd15_cost": bench_sd15_cost()}),
 }
 
 
