@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -50,3 +52,40 @@ def demo_shift(demo_world, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo-out")
     run_cli("curate", str(DEMO_CONFIG), "--out", str(out), "--no-progress", check=True)
     return out / "demo-knn-img"
+
+
+# A second demo world, built from scratch in another folder for test_reproducible. The build is
+# single-threaded (its CLIP training pins one thread, for identical bytes anywhere), so it
+# starts in the background as soon as that test is collected and overlaps the other tests.
+_OTHER_WORLD: dict = {}
+
+
+def pytest_collection_finish(session) -> None:
+    if not any(item.nodeid.startswith("tests/test_reproducible.py") for item in session.items):
+        return
+    root = Path(tempfile.mkdtemp(prefix="imagenetpp-other-world-"))
+    env = {**os.environ, "IMAGENETPP_CACHE": str(root / "other-cache"), "PYTHONPATH": str(REPO)}
+    with open(root / "build.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from pipelines.demo_world import ensure_demo_world as e; e()"],
+            cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    _OTHER_WORLD.update(proc=proc, root=root)
+
+
+def pytest_sessionfinish(session) -> None:
+    if proc := _OTHER_WORLD.get("proc"):
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(_OTHER_WORLD["root"], ignore_errors=True)
+
+
+@pytest.fixture
+def other_demo_world() -> tuple[Path, str]:
+    """(cache folder, build log) of the demo world built in the background in another folder."""
+    proc, root = _OTHER_WORLD["proc"], _OTHER_WORLD["root"]
+    proc.wait()
+    log = (root / "build.log").read_text()
+    assert proc.returncode == 0, log
+    return root / "other-cache", log
