@@ -215,16 +215,18 @@ def summary_table(manifest: dict, limit: int = 40) -> str:
 
 def compare_table(manifests: list[dict]) -> str:
     """One row per shift, side by side: what each curation strategy produced."""
-    head = ("shift", "curator", "classes", "samples", "target", "short", "skipped", "urls ok/asked")  # fmt: skip
+    head = ("shift", "curator", "classes", "samples", "target", "short", "skipped", "urls ok/asked", "remade")  # fmt: skip
     rows = []
     for m in manifests:
         acquire = m.get("acquire") or {}
         urls = f"{acquire.get('fetched', 0)}/{acquire.get('urls', 0)}" if acquire else "-"
+        replaced = m.get("replaced")  # generated samples made again after failing a check
+        remade = str(replaced["samples"]) if replaced else "-"
         per = m["per_class"]
         rows.append((
             m["shift"], m["curator"]["name"] if isinstance(m["curator"], dict) else str(m["curator"]),
             str(len(per)), str(m["total_samples"]), str(sum(r["target"] for r in per)),
-            str(sum(r["kept"] < r["target"] for r in per)), str(m["skipped"]["count"]), urls,
+            str(sum(r["kept"] < r["target"] for r in per)), str(m["skipped"]["count"]), urls, remade,
         ))  # fmt: skip
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
 
