@@ -362,6 +362,12 @@ def parse_config(data: Any, check_resources: bool = True) -> ShiftConfig:
     config.curator.demo_params = demo_names
     if getattr(params, "images_per_class", 0) is None:  # a generator makes the target by default
         params.images_per_class = config.target_per_class
+    if demo_names and hasattr(params, "check"):
+        # Values are checked before the demo world is built (a minute, once): only the
+        # problems of the `demo:` names themselves wait for it.
+        for name, problem in params.check().items():
+            if name not in demo_names:
+                raise ConfigError(f"config key 'curator.params.{name}': {problem}")
     if check_resources:
         if demo_names:
             params = dataclasses.replace(params, **_resolve_demo_paths(_demo_names(raw_params)))

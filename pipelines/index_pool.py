@@ -114,11 +114,11 @@ def plan_index(
 ) -> IndexPlan:
     """Resolve the pool, the model, its weights (cache / hub reachability) and the faiss factory:
     cheap checks that turn a missing resource into one line before Ray or a model starts."""
+    shards = pool_shards(pool)  # first: a wrong path answers before open_clip's ~6 s import
     import open_clip
 
     from curators.clip_models import check_weights, resolve_model_name
 
-    shards = pool_shards(pool)
     name = resolve_model_name(model)
     weights = check_weights(name, pretrained)
     make_faiss_index(int(open_clip.get_model_config(name)["embed_dim"]), factory)

@@ -43,7 +43,9 @@ def one_line_error(proc: subprocess.CompletedProcess, *names: str) -> str:
 def demo_world() -> Path:
     from pipelines.demo_world import ensure_demo_world
 
-    return ensure_demo_world()
+    world = ensure_demo_world()
+    _start_other_world()
+    return world
 
 
 @pytest.fixture(scope="session")
@@ -55,13 +57,20 @@ def demo_shift(demo_world, tmp_path_factory) -> Path:
 
 
 # A second demo world, built from scratch in another folder for test_reproducible. The build is
-# single-threaded (its CLIP training pins one thread, for identical bytes anywhere), so it
-# starts in the background as soon as that test is collected and overlaps the other tests.
+# single-threaded (its CLIP training pins one thread, for identical bytes anywhere), so it runs
+# in the background, started once the shared world is ready (not competing with that build),
+# and overlaps the other tests.
 _OTHER_WORLD: dict = {}
 
 
 def pytest_collection_finish(session) -> None:
-    if not any(item.nodeid.startswith("tests/test_reproducible.py") for item in session.items):
+    _OTHER_WORLD["wanted"] = any(
+        item.nodeid.startswith("tests/test_reproducible.py") for item in session.items
+    )
+
+
+def _start_other_world() -> None:
+    if not _OTHER_WORLD.get("wanted") or "proc" in _OTHER_WORLD:
         return
     root = Path(tempfile.mkdtemp(prefix="imagenetpp-other-world-"))
     env = {**os.environ, "IMAGENETPP_CACHE": str(root / "other-cache"), "PYTHONPATH": str(REPO)}
@@ -82,8 +91,9 @@ def pytest_sessionfinish(session) -> None:
 
 
 @pytest.fixture
-def other_demo_world() -> tuple[Path, str]:
+def other_demo_world(demo_world) -> tuple[Path, str]:
     """(cache folder, build log) of the demo world built in the background in another folder."""
+    _start_other_world()  # already running unless this test runs first
     proc, root = _OTHER_WORLD["proc"], _OTHER_WORLD["root"]
     proc.wait()
     log = (root / "build.log").read_text()

@@ -159,3 +159,26 @@ def test_params_typed_as_containers_parse():
                      ({"steps": [1, "two"]}, "steps"), ({"weights": [1]}, "weights")):  # fmt: skip
         with pytest.raises(ConfigError, match=f"'{key}"):
             build_dataclass(Params, bad)
+
+
+@pytest.mark.parametrize(
+    ("config", "override", "culprit"),
+    [
+        ("demo_knn_img", "curator.params.k_per_query=0", "curator.params.k_per_query"),
+        ("demo_sd_txt2img", "curator.params.scheduler=warp", "curator.params.scheduler"),
+        ("demo_caption_search", "curator.params.min_text_similarity=3", "curator.params.min_text_similarity"),
+    ],
+)  # fmt: skip
+def test_a_bad_value_in_a_demo_config_fails_before_the_world_is_built(tmp_path, config, override, culprit):  # fmt: skip
+    """A demo world not built yet (a fresh machine): check and curate both name the bad value
+    at once, and build nothing."""
+    import os
+
+    from .conftest import REPO, one_line_error
+
+    env = {**os.environ, "IMAGENETPP_CACHE": str(tmp_path / "cache")}
+    path = str(REPO / "configs" / f"{config}.yaml")
+    for command in ("check", "curate"):
+        proc = run_cli(command, path, "--set", override, "--out", str(tmp_path / "out"), env=env)
+        one_line_error(proc, culprit)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()

@@ -50,8 +50,8 @@ def ray_head():
         yield f"127.0.0.1:{port}"
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # --block: ray start takes its processes down
-        try:
-            head.wait(timeout=30)
+        try:  # its graceful stop can take half a minute; nothing here depends on it
+            head.wait(timeout=5)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
