@@ -101,8 +101,18 @@ def sample_metadata(ctx: SampleContext, row: dict, sha256: str, width: int, heig
         "version": __version__,
     }
     if row.get("generation"):  # only generated samples carry it: others' bytes stay as they were
-        meta["generation"] = json.loads(row["generation"])
+        meta["generation"] = _one_type_per_key(json.loads(row["generation"]))
     return meta
+
+
+def _one_type_per_key(generation: dict) -> dict:
+    """Loaders that infer a schema from the first samples (Hugging Face ``datasets``) need one
+    type per key in every sample: a list of replaced tries, empty in most samples, would be
+    inferred as a list of nulls. In the sample, replaced tries are one string ("seed S: why;
+    ..."); index.parquet's ``generation`` keeps them as a list."""
+    replaced = generation.get("replaced") or []
+    text = "; ".join(f"seed {r['seed']}: {r['reason']}" for r in replaced)
+    return {**generation, "replaced": text}
 
 
 def write_shard(ctx: SampleContext, plan_file: Path, shard_path: Path, rows_path: Path) -> dict:
