@@ -58,6 +58,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         sets.append(f"run.workers={args.workers}")
     if args.no_progress:
         sets.append("run.progress=false")
+    if getattr(args, "no_report", False) or os.environ.get("IMAGENETPP_NO_REPORT"):
+        sets.append("report.after_curate=false")
     return sets
 
 
@@ -78,6 +80,8 @@ def cmd_curate(args: argparse.Namespace) -> int:
     manifest = curate(config, out)
     print(summary_table(manifest))
     print(f"shards: {out / config.shift / 'shards'}")
+    if config.report.after_curate and manifest["total_samples"]:
+        print(f"report: {out / config.shift / 'report' / 'index.html'}")
     for skip in manifest.get("sources_skipped", []):
         print(f"imagenetpp: warning: source unit {skip['unit']} unreadable, skipped: {skip['reason']}", file=sys.stderr)  # fmt: skip
     if manifest["total_samples"] == 0:
@@ -94,7 +98,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo_world import DEMO_POOL_HOST, ensure_demo_world, serve_pool
     from .errors import ConfigError
     from .executor import check_ray_address
-    from .finalize import compare_table, summary_table
+    from .finalize import summary_table
+    from .report import compare_html, compare_table, load_metrics
     from .workdir import check_output
 
     out = Path(args.out)
@@ -118,7 +123,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
             manifests.append(curate(config, out))
             print(summary_table(manifests[-1]))
             print(f"shards: {out / config.shift / 'shards'}\n", flush=True)
-    print(compare_table(manifests))
+    reported = [(out / m["shift"] / "report" / "metrics.json").is_file() for m in manifests]
+    metrics = [load_metrics(out / m["shift"]) if r else None for m, r in zip(manifests, reported, strict=True)]  # fmt: skip
+    print(compare_table(manifests, metrics))
+    links = [f"{m['shift']}/report/index.html" for m in manifests]
+    (out / "compare.html").write_text(compare_html(manifests, metrics, links), "utf-8")
+    print(f"\nreports: {out}/<shift>/report/index.html; side by side: {out / 'compare.html'}")
     return 0 if all(m["total_samples"] for m in manifests) else 1
 
 
@@ -255,6 +265,61 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import report_options, write_report
+    from .report.build import ShiftFiles
+
+    shift = ShiftFiles.open(args.shift_dir)  # one line if it is not a shift
+    options = report_options(
+        shift.manifest, reference=args.reference, eval_sets=args.eval_set,
+        contact_classes=args.contact_classes.split(",") if args.contact_classes else None,
+    )  # fmt: skip
+    report = write_report(args.shift_dir, options, args.device, args.batch_size)
+    for note in report.notes:
+        print(f"note: {note}")
+    print(_report_summary(report.metrics))
+    print(f"report: {report.folder / 'index.html'}")
+    return 0
+
+
+def _report_summary(metrics: dict) -> str:
+    c = metrics["classes"]
+    line = (
+        f"{metrics['shift']}: {metrics['samples']} samples; classes covered {c['covered']}/"
+        f"{c['classes']}, LT@500 {c['lt500']}, LS@5pct {c['ls5pct']:.3f}"
+    )
+    if "clipscore" in metrics:
+        line += f"; CLIPScore {metrics['clipscore']['mean']:.1f}"
+    if "diversity" in metrics:
+        d = metrics["diversity"]
+        line += f"; intra-class cosine {d['mean_intra_class_cosine']:.3f}, near-duplicates {d['near_duplicate_rate']:.1%}"  # fmt: skip
+    if "reference" in metrics:
+        line += f"; CMMD {metrics['reference']['cmmd']:.3f}"
+    if "contamination" in metrics:
+        line += f"; contaminated samples {metrics['contamination']['samples']}"
+    return line
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from shards.manifest import read_manifest
+
+    from .report import compare_html, compare_table, load_metrics
+
+    manifests, metrics = [], []
+    for folder in args.shift_dirs:
+        if not (Path(folder) / "manifest.json").is_file():
+            raise UserError(f"not a finished shift folder (no manifest.json): {folder}")
+        manifests.append(read_manifest(folder))
+        metrics.append(load_metrics(folder))
+    print(compare_table(manifests, metrics))
+    if args.html:
+        base = Path(args.html).resolve().parent
+        links = [os.path.relpath(Path(f).resolve() / "report" / "index.html", base) for f in args.shift_dirs]  # fmt: skip
+        Path(args.html).write_text(compare_html(manifests, metrics, links), "utf-8")
+        print(f"compare: {args.html}")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .curate import status_report
 
@@ -291,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", help="output root; the shift goes to OUT/<shift> (default: run.out of the config)"
     )
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--no-report", action="store_true",
+                   help="do not write report/ at the end (run `imagenetpp report` later); "
+                   "so does IMAGENETPP_NO_REPORT=1")  # fmt: skip
     _run_options(p)
     p.set_defaults(func=cmd_curate)
 
@@ -374,6 +442,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="in finished shards, fetch again the rows that failed transiently")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser(
+        "report", help="a shift's metrics, plots and contamination check: OUT/<shift>/report/"
+    )
+    p.add_argument("shift_dir", help="a finished shift's folder, OUT/<shift>")
+    p.add_argument("--reference", metavar="DIR",
+                   help="images to measure CMMD against (<wnid>/ folders: per class too)")  # fmt: skip
+    p.add_argument("--eval-set", action="append", metavar="DIR",
+                   help="evaluation images to look for near-duplicates of (repeatable)")  # fmt: skip
+    p.add_argument("--contact-classes", metavar="WNID[,WNID]", help="classes on the contact sheet")
+    p.add_argument("--device", default="auto", help="for the CLIP model")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="metrics of several shifts side by side")
+    p.add_argument("shift_dirs", nargs="+", metavar="SHIFT_DIR", help="finished shift folders")
+    p.add_argument("--html", metavar="FILE", help="also write the table as an HTML page")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("status", help="how far a shift's run has got (committed units per stage)")
     p.add_argument("shift_dir", help="a shift's output folder, OUT/<shift>")

@@ -52,6 +52,11 @@ class CuratorConfig:
 @dataclass
 class SelectConfig:
     near_duplicate_cosine: float = 0.95  # drop a candidate this similar to a kept one; 1.0 = off
+    # Evaluation-set image folders (ImageNet-val, -V2, ...): a candidate whose CLIP embedding
+    # lies this close to any of their images is dropped before balancing, so a held-out set
+    # stays held out. Hashed as written (a `demo:` name, or the folder's path).
+    exclude: list[str] = field(default_factory=list)
+    exclude_cosine: float = 0.95
 
 
 @dataclass
@@ -98,6 +103,22 @@ class ImageConfig:
 
 
 @dataclass
+class ReportConfig:
+    # What `imagenetpp report` measures beyond the shift's own counts. Not hashed: reading a
+    # finished shift changes none of its bytes. Folders may be `demo:` names.
+    after_curate: bool = True  # curate ends by writing report/
+    reference: str | None = None  # images to measure CMMD against; <wnid>/ folders: per class too
+    eval_sets: list[str] = field(default_factory=list)  # folders checked for contamination
+    contact_classes: list[str] = field(default_factory=list)  # wnids (default: the first 8)
+    contact_per_class: int = 8
+    prompt: str = "a photo of a {name}."  # CLIPScore's text per class: {name}, {wnid}
+    near_duplicate_cosine: float = 0.95  # diversity: a sample this close to another of its class
+    contamination_cosine: float = 0.95  # an eval image this close to a sample is a duplicate
+    phash_max_distance: int = 4  # ... or one whose 64-bit perceptual hash is this close
+    cmmd_max_samples: int = 10_000  # CMMD compares a seeded sample of the shift this large
+
+
+@dataclass
 class RunConfig:
     # Where and how to run: none of it changes a shard's bytes, so none of it is hashed.
     out: str = "out"
@@ -122,6 +143,7 @@ class ShiftConfig:
     acquire: AcquireConfig = field(default_factory=AcquireConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict:
@@ -131,6 +153,7 @@ class ShiftConfig:
         """Hash of everything that decides the shards' bytes (not where or how it ran)."""
         data = self.to_dict()
         data.pop("run")
+        data.pop("report")
         curator = data["curator"]
         curator["params"].update(curator.pop("demo_params"))
         blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
@@ -142,6 +165,16 @@ CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "target_per_class": (lambda v: v >= 1, "must be at least 1"),
     "classes.first": (lambda v: 1 <= v <= 1000, "must lie in 1..1000"),
     "select.near_duplicate_cosine": (lambda v: 0.0 < v <= 1.0, "must lie in (0, 1]"),
+    "select.exclude_cosine": (lambda v: 0.0 < v <= 1.0, "must lie in (0, 1]"),
+    "report.contact_per_class": (lambda v: 1 <= v <= 32, "must lie in 1..32"),
+    "report.prompt": (
+        lambda v: _is_template(v, {"name", "wnid"}),
+        "must be text with {name} or {wnid} fields only",
+    ),
+    "report.near_duplicate_cosine": (lambda v: 0.0 < v <= 1.0, "must lie in (0, 1]"),
+    "report.contamination_cosine": (lambda v: 0.0 < v <= 1.0, "must lie in (0, 1]"),
+    "report.phash_max_distance": (lambda v: 0 <= v <= 64, "must lie in 0..64"),
+    "report.cmmd_max_samples": (lambda v: v >= 10, "must be at least 10"),
     "shards.samples_per_shard": (lambda v: v >= 1, "must be at least 1"),
     "embed.batch_size": (lambda v: v >= 1, "must be at least 1"),
     "acquire.allow_networks": (
@@ -165,6 +198,16 @@ CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
         "must be non-empty letters, digits, '-' or '_'",
     ),
 }
+
+
+def _is_template(text: str, fields: set[str]) -> bool:
+    import string
+
+    try:
+        names = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
+    except ValueError:
+        return False
+    return names <= fields
 
 
 def _is_host_port(text: object) -> bool:
@@ -319,6 +362,34 @@ def _check_classes(classes: ClassesConfig) -> None:
         seen.add(wnid)
 
 
+def image_folders(config: ShiftConfig) -> dict[str, str]:
+    """Config key -> folder of images, for the keys that name one (eval sets, reference)."""
+    named = {f"select.exclude[{i}]": v for i, v in enumerate(config.select.exclude)}
+    named |= {f"report.eval_sets[{i}]": v for i, v in enumerate(config.report.eval_sets)}
+    if config.report.reference:
+        named["report.reference"] = config.report.reference
+    return named
+
+
+def _check_image_folders(config: ShiftConfig, check_resources: bool) -> None:
+    from curators.labels import by_wnid
+
+    from .demo_world import check_demo_name
+
+    for key, value in image_folders(config).items():
+        if value.startswith("demo:"):
+            try:
+                check_demo_name(value)
+            except ConfigError as e:
+                raise ConfigError(f"config key '{key}': {e}") from None
+        elif check_resources and not Path(value).expanduser().is_dir():
+            raise ConfigError(f"config key '{key}': no such folder: {value}")
+    known = by_wnid()
+    for i, wnid in enumerate(config.report.contact_classes):
+        if wnid not in known:
+            raise ConfigError(f"config key 'report.contact_classes[{i}]': unknown wnid {wnid!r}")
+
+
 def parse_config(data: Any, check_resources: bool = True) -> ShiftConfig:
     """Validate everything that needs no resource first (no side effects), then, when asked,
     the resources the curator names (building the demo world for ``demo:`` names)."""
@@ -359,6 +430,7 @@ def parse_config(data: Any, check_resources: bool = True) -> ShiftConfig:
     rest = {k: v for k, v in data.items() if k != "curator"}
     config = build_dataclass(ShiftConfig, {**rest, "curator": {"name": curator["name"]}})
     _check_classes(config.classes)
+    _check_image_folders(config, check_resources)
     config.curator.demo_params = demo_names
     if getattr(params, "images_per_class", 0) is None:  # a generator makes the target by default
         params.images_per_class = config.target_per_class

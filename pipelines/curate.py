@@ -21,7 +21,7 @@ from .config import ShiftConfig, parse_config
 from .errors import ConfigError, UserError
 from .executor import make_executor
 from .finalize import finalize
-from .stages import STAGES, Run, failed_path, run_stage, stage_progress
+from .stages import STAGES, Run, embed_model, failed_path, run_stage, stage_progress
 from .workdir import RunLock, WorkDir, lock_holder
 
 
@@ -69,9 +69,22 @@ def curate(config: ShiftConfig, out: str | Path | None = None) -> dict:
                 "stages": stages,
                 **executor.describe(),
             }
-            return finalize(shift_dir, work, config, classes, facts)
+            manifest = finalize(shift_dir, work, config, classes, facts, embed_model(run))
         finally:
             executor.shutdown()
+        if config.report.after_curate and manifest["total_samples"]:
+            write_shift_report(shift_dir, config)
+        return manifest
+
+
+def write_shift_report(shift_dir: Path, config: ShiftConfig) -> None:
+    """report/ for a shift just made (under its run lock): the config's report options."""
+    from .report import write_report
+
+    write_report(
+        shift_dir, config.report, config.embed.device, config.embed.batch_size,
+        log=lambda line: print(line, flush=True) if config.run.progress else None,
+    )  # fmt: skip
 
 
 def config_from_record(record: dict) -> ShiftConfig:

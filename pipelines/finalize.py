@@ -24,10 +24,12 @@ from .materialize import ROW_SCHEMA
 from .select import shortfall_reason
 
 
-def finalize(shift_dir: Path, work, config, classes, run_facts: dict) -> dict:
+def finalize(
+    shift_dir: Path, work, config, classes, run_facts: dict, clip: tuple[str, str | None] | None
+) -> dict:
     """Write the shift's index, skips, manifest and card. A re-run that did no work (a user
     checking a finished shift) keeps the manifest of the run that did, adding itself to the
-    run history."""
+    run history. ``clip`` is the (model, weights) that made the embeddings: report needs it."""
     work.log_run(
         {"pid": os.getpid(), "started": run_facts["started"], "finished": run_facts["finished"],
          "units_run": {k: v.get("run", 0) for k, v in run_facts["stages"].items()}}
@@ -50,6 +52,8 @@ def finalize(shift_dir: Path, work, config, classes, run_facts: dict) -> dict:
     rows = pa.concat_tables(tables) if tables else ROW_SCHEMA.empty_table()
     ok = rows.filter(pc.equal(rows["status"], "ok")).drop_columns(["status", "reason"])
     embeddings = write_embeddings(shift_dir, ok["embedding"])
+    if embeddings and clip:
+        embeddings["model"] = {"name": clip[0], "pretrained": clip[1]}
     ok = ok.drop_columns(["embedding"])
     skipped = rows.filter(pc.equal(rows["status"], "skipped"))
     with atomic_path(shift_dir / INDEX) as tmp:
@@ -214,27 +218,3 @@ def summary_table(manifest: dict, limit: int = 40) -> str:
         f"{manifest['skipped']['count']} skipped, {len(manifest['shards'])} shards"
     )
     return "\n".join(out)
-
-
-def compare_table(manifests: list[dict]) -> str:
-    """One row per shift, side by side: what each curation strategy produced."""
-    head = ("shift", "curator", "classes", "samples", "target", "short", "skipped", "urls ok/asked", "remade")  # fmt: skip
-    rows = []
-    for m in manifests:
-        acquire = m.get("acquire") or {}
-        urls = f"{acquire.get('fetched', 0)}/{acquire.get('urls', 0)}" if acquire else "-"
-        replaced = m.get("replaced")  # generated samples made again after failing a check
-        remade = str(replaced["samples"]) if replaced else "-"
-        per = m["per_class"]
-        rows.append((
-            m["shift"], m["curator"]["name"] if isinstance(m["curator"], dict) else str(m["curator"]),
-            str(len(per)), str(m["total_samples"]), str(sum(r["target"] for r in per)),
-            str(sum(r["kept"] < r["target"] for r in per)), str(m["skipped"]["count"]), urls, remade,
-        ))  # fmt: skip
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-
-    def line(r: tuple) -> str:
-        cells = zip(r, widths, strict=True)
-        return "  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(cells))
-
-    return "\n".join([line(head), *map(line, rows)])

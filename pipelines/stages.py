@@ -103,11 +103,11 @@ def _embed_units(run: Run) -> list[Unit] | None:
     acquire = _acquire_units(run)
     if paths is None or acquire is None or not all(status_path(run.work.acquired, c.id).exists() for c in acquire):  # fmt: skip
         return None
-    model = _embed_model(run)
+    model = embed_model(run)
     return [u for u, p in zip(run.units, paths, strict=True) if needs_localizing(p, model and model[0])]  # fmt: skip
 
 
-def _embed_model(run: Run) -> tuple[str, str | None] | None:
+def embed_model(run: Run) -> tuple[str, str | None] | None:
     """The shift's CLIP model: config ``embed``, else the curator's own (a kNN curator's)."""
     e = run.config.embed
     if e.model:
@@ -117,7 +117,7 @@ def _embed_model(run: Run) -> tuple[str, str | None] | None:
 
 
 def _embed_setup(run: Run):
-    model = _embed_model(run)
+    model = embed_model(run)
     if model is None:
         return None
     e = run.config.embed
@@ -154,7 +154,7 @@ STAGES: list[Stage] = [
         done=lambda run, u: embedded_path(run.work.embedded, u).exists(),
         work=lambda run: partial(embed_work, run.work, run.work.acquired),
         setup=_embed_setup,
-        resources=lambda run: Resources(cpus=1.0, gpus=1.0 if _embed_model(run) else 0.0),
+        resources=lambda run: Resources(cpus=1.0, gpus=1.0 if embed_model(run) else 0.0),
     ),
     Stage(
         "select",

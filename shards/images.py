@@ -175,3 +175,28 @@ def _resize(img: Image.Image, orig: tuple[int, int], policy: ImagePolicy) -> Ima
         canvas.paste(img, ((size - img.size[0]) // 2, (size - img.size[1]) // 2))
         img = canvas
     return img
+
+
+def _dct_matrix(n: int) -> np.ndarray:
+    k = np.arange(n)[:, None]
+    m = np.cos(np.pi * (2 * np.arange(n)[None, :] + 1) * k / (2 * n)) * math.sqrt(2 / n)
+    m[0] /= math.sqrt(2)
+    return m
+
+
+_DCT32 = _dct_matrix(32)
+
+
+def perceptual_hash(data: bytes) -> bytes:
+    """64-bit DCT perceptual hash (the pHash of imagehash): grey 32x32, the 8x8 lowest
+    frequencies, each bit above their median. Near-duplicates (re-encoded, resized, slightly
+    cropped) differ in a few bits; Hamming distance compares them."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.draft("L", (64, 64))  # JPEG: decode at 1/2..1/8 scale, far less work
+            grey = img.convert("L").resize((32, 32), Image.Resampling.LANCZOS)
+    except Exception as e:  # PIL raises many types for bad input
+        raise BadImage(f"{type(e).__name__}: {e}") from None
+    pixels = np.asarray(grey, np.float64)
+    low = (_DCT32 @ pixels @ _DCT32.T)[:8, :8]
+    return np.packbits((low > np.median(low)).ravel()).tobytes()

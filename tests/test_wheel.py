@@ -9,7 +9,7 @@ import subprocess
 import sys
 import zipfile
 
-from .conftest import REPO
+from .conftest import REPO, with_report
 
 SOURCES = ("pyproject.toml", "README.md", "configs", "curators", "pipelines", "shards")
 
@@ -37,7 +37,7 @@ def test_wheel_install_runs_the_demo_and_shipped_configs(demo_world, tmp_path):
 
     elsewhere = tmp_path / "cwd"  # neither the repo nor its configs/ folder is here
     elsewhere.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(site), "PYTHONSAFEPATH": "1"}
+    env = {**with_report(), "PYTHONPATH": str(site), "PYTHONSAFEPATH": "1"}
 
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -67,3 +67,8 @@ def test_wheel_install_runs_the_demo_and_shipped_configs(demo_world, tmp_path):
     assert "demo-knn-url" not in proc.stdout
     assert len(list((out / "demo-knn-img" / "shards").glob("*.tar"))) == 2  # 250 samples a shard
     assert not (tmp_path / "never").exists()
+    # The report ships too: each shift's page, and the demo's side-by-side table of them.
+    for shift in ("demo-knn-img", "demo-sd-txt2img"):
+        assert (out / shift / "report" / "index.html").is_file()
+        assert (out / shift / "report" / "class_counts.png").is_file()
+    assert (out / "compare.html").is_file() and "CLIPScore" in proc.stdout
