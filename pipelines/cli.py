@@ -320,6 +320,29 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_publish(args: argparse.Namespace) -> int:
+    from shards.publish import PublishError, publish
+
+    if args.files_per_commit < 1:
+        raise UserError("--files-per-commit must be at least 1")
+    try:
+        plan = publish(
+            args.shift_dir, args.repo_id, private=args.private, revision=args.revision,
+            dry_run=args.dry_run, max_files_per_commit=args.files_per_commit,
+        )  # fmt: skip
+    except PublishError as e:
+        raise UserError(str(e)) from None
+    where = f"{args.repo_id}@{args.revision or 'main'}"
+    size = sum(f.size for f in plan.changed) / 1e6
+    if args.dry_run:
+        for f in plan.changed:
+            print(f"{f.path_in_repo}  {f.size} bytes")
+        print(f"dry run: {len(plan.changed)} files ({size:.1f} MB) would go to {where}; {plan.unchanged} already there")  # fmt: skip
+        return 0
+    print(f"published {args.shift_dir} to {where}: {len(plan.changed)} files sent ({size:.1f} MB), {plan.unchanged} already there")  # fmt: skip
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .curate import status_report
 
@@ -460,6 +483,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("shift_dirs", nargs="+", metavar="SHIFT_DIR", help="finished shift folders")
     p.add_argument("--html", metavar="FILE", help="also write the table as an HTML page")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "publish",
+        help="upload a finished shift (shards, index, report, card) to the Hugging Face Hub",
+    )
+    p.add_argument("shift_dir", help="a finished shift's folder, OUT/<shift>")
+    p.add_argument("--repo-id", required=True, metavar="NS/NAME", help="dataset repo on the Hub")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--revision", metavar="BRANCH", help="branch to commit to (default: main)")
+    p.add_argument("--dry-run", action="store_true", help="list what would go; upload nothing")
+    p.add_argument("--files-per-commit", type=int, default=100,
+                   help="large shifts go in several commits of at most this many files")  # fmt: skip
+    p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("status", help="how far a shift's run has got (committed units per stage)")
     p.add_argument("shift_dir", help="a shift's output folder, OUT/<shift>")

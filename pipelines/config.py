@@ -114,7 +114,7 @@ class ReportConfig:
     prompt: str = "a photo of a {name}."  # CLIPScore's text per class: {name}, {wnid}
     near_duplicate_cosine: float = 0.95  # diversity: a sample this close to another of its class
     contamination_cosine: float = 0.95  # an eval image this close to a sample is a duplicate
-    phash_max_distance: int = 4  # ... or one whose 64-bit perceptual hash is this close
+    phash_max_distance: int | None = 4  # ... or one whose 64-bit perceptual hash is (null: off)
     cmmd_max_samples: int = 10_000  # CMMD compares a seeded sample of the shift this large
 
 
@@ -173,7 +173,10 @@ CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     ),
     "report.near_duplicate_cosine": (lambda v: 0.0 < v <= 1.0, "must lie in (0, 1]"),
     "report.contamination_cosine": (lambda v: 0.0 < v <= 1.0, "must lie in (0, 1]"),
-    "report.phash_max_distance": (lambda v: 0 <= v <= 64, "must lie in 0..64"),
+    "report.phash_max_distance": (
+        lambda v: v is None or 0 <= v <= 64,
+        "must lie in 0..64 (or null: off)",
+    ),
     "report.cmmd_max_samples": (lambda v: v >= 10, "must be at least 10"),
     "shards.samples_per_shard": (lambda v: v >= 1, "must be at least 1"),
     "embed.batch_size": (lambda v: v >= 1, "must be at least 1"),
@@ -363,8 +366,11 @@ def _check_classes(classes: ClassesConfig) -> None:
 
 
 def image_folders(config: ShiftConfig) -> dict[str, str]:
-    """Config key -> folder of images, for the keys that name one (eval sets, reference)."""
+    """Config key -> folder of images, for the keys that name one (eval sets, reference), and
+    a `demo:` CLIP checkpoint."""
     named = {f"select.exclude[{i}]": v for i, v in enumerate(config.select.exclude)}
+    if config.embed.pretrained and config.embed.pretrained.startswith("demo:"):
+        named["embed.pretrained"] = config.embed.pretrained  # checked as a name, as the others
     named |= {f"report.eval_sets[{i}]": v for i, v in enumerate(config.report.eval_sets)}
     if config.report.reference:
         named["report.reference"] = config.report.reference

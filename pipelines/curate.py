@@ -21,7 +21,7 @@ from .config import ShiftConfig, parse_config
 from .errors import ConfigError, UserError
 from .executor import make_executor
 from .finalize import finalize
-from .stages import STAGES, Run, embed_model, failed_path, run_stage, stage_progress
+from .stages import STAGES, Run, embed_model, failed_path, run_stage, shift_clip, stage_progress
 from .workdir import RunLock, WorkDir, lock_holder
 
 
@@ -39,6 +39,8 @@ def curate(config: ShiftConfig, out: str | Path | None = None) -> dict:
     classes = resolve_classes(config)
     curator = create_curator(config.curator.name, config.curator.params)
     units = plan_units(config, classes, curator)
+    if config.select.exclude and shift_clip(config, curator) is None:
+        raise ConfigError("config key 'select.exclude': needs the shift's CLIP model (set embed.model)")  # fmt: skip
     with RunLock(shift_dir) as lock:
         work = WorkDir(shift_dir)
         work.clear_temporaries()

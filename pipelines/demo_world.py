@@ -37,7 +37,7 @@ import numpy as np
 
 from .errors import ConfigError, UserError
 
-VERSION = 6
+VERSION = 7
 # (ImageNet index, pool items). Banana is scarce so the demo shows a shortfall.
 DEMO_CLASSES = [(1, 240), (22, 240), (130, 240), (291, 240), (340, 240),
                 (417, 240), (430, 240), (508, 240), (949, 240), (954, 60)]  # fmt: skip
@@ -51,7 +51,8 @@ CAPTION_TEMPLATES = ("a photo of a {}", "a picture of a {}", "{} in the wild", "
 NO_CLASS_CAPTIONS = ("untitled", "a nice day", "photo", "IMG 2231", "view from the window")
 
 
-DEMO_PARTS = ("index", "url-index", "exemplars", "pool", "model", "ground_truth.parquet")
+DEMO_PARTS = ("index", "url-index", "exemplars", "pool", "model", "evalset", "ground_truth.parquet")  # fmt: skip
+EVAL_PER_CLASS = (4, 6)  # the demo's evaluation set: pool images (leaked) and new ones, per class
 # The host the URL index names: the demo serves the pool for it on a loopback port
 # (run.resolve), so URLs, and the provenance recording them, never name the port.
 DEMO_POOL_HOST = "demo-pool.invalid"
@@ -285,6 +286,35 @@ def _write_exemplars(root: Path, seed: int, classes) -> None:
             (folder / f"{c.wnid}_{n}.JPEG").write_bytes(_jpeg(_draw(slot, rng)))
 
 
+def _write_evalset(root: Path, seed: int, classes, truth: list[dict]) -> None:
+    """A stand-in for ImageNet-val: per class, a few pool images made smaller and re-encoded
+    (the leak a web-scale pool really has: shifts that pick them are contaminated) and new
+    pictures of the class (not in the pool)."""
+    from PIL import Image
+
+    from shards.reader import iter_samples
+
+    leaked, fresh = EVAL_PER_CLASS
+    wanted: dict[str, int] = {}
+    for slot, c in enumerate(classes):
+        keys = [t["key"] for t in truth if t["label"] == c.index and t["kind"] == "clean"]
+        wanted.update({k: slot for k in keys[:leaked]})
+    for shard in sorted((root / "pool").glob("*.tar")):
+        for key, files in iter_samples(shard):
+            if key in wanted:
+                c = classes[wanted[key]]
+                img = Image.open(io.BytesIO(files["jpg"])).convert("RGB").resize((56, 56))
+                folder = root / "evalset" / c.wnid
+                folder.mkdir(parents=True, exist_ok=True)
+                img.save(folder / f"ILSVRC_val_leak_{key}.JPEG", quality=75)
+    rng = np.random.default_rng(seed + 2_000_003)
+    for slot, c in enumerate(classes):
+        for n in range(fresh):
+            (root / "evalset" / c.wnid / f"ILSVRC_val_{n:03d}.JPEG").write_bytes(
+                _jpeg(_draw(slot, rng))
+            )
+
+
 def _quiet_random_init_warning():
     """open_clip warns 'No pretrained weights loaded' when building a model to train: expected
     here, and alarming on a user's terminal."""
@@ -391,6 +421,7 @@ def build_world(root: Path, seed: int, log=print) -> None:
     truth = _write_pool(root, seed, classes)
     pq.write_table(pa.Table.from_pylist(truth), root / "ground_truth.parquet")
     _write_exemplars(root, seed, classes)
+    _write_evalset(root, seed, classes, truth)
     ckpt = train_tiny_clip(root, seed, log=log)
     log("  indexing the pool")
     build_index(LocalExecutor(progress=False), str(root / "pool"), root / "index",

@@ -75,6 +75,7 @@ def finalize(
             "label": c.index, "wnid": c.wnid, "name": c.name, "target": config.target_per_class,
             "candidates": s["candidates"], "selected": s["selected"], "kept": kept[c.wnid],
             "skipped": lost[c.wnid], "rejected": sum(gave_up.get(c.index, {}).values()),
+            "excluded_eval": s.get("excluded_eval", 0),
         }  # fmt: skip
         per_class.append(entry)
         if entry["kept"] < entry["target"]:
@@ -106,6 +107,11 @@ def finalize(
         "skipped": {"count": skipped.num_rows, "by_reason": _reason_counts(skipped)},
         "sources_skipped": skipped_sources(work.root),
         "rejected": {"count": rejected.num_rows, "by_reason": _reason_counts(rejected)},
+        "excluded_eval": {
+            "count": sum(e["excluded_eval"] for e in per_class),
+            "sets": config.select.exclude,
+            "cosine": config.select.exclude_cosine,
+        },  # fmt: skip
         "licenses": _licence_counts(ok["license"]),
         "replaced": replacement_counts(ok["generation"]),
         "embeddings": embeddings,

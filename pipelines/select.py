@@ -207,12 +207,35 @@ def _take(table: pa.Table, rows: np.ndarray, emb: np.ndarray | None) -> pa.Table
     return out.add_column(i, "embedding", _fp16_lists(emb))
 
 
+@dataclass(frozen=True)
+class Exclusion:
+    """Evaluation-set images no candidate may near-duplicate (config select.exclude)."""
+
+    index: object  # faiss.IndexFlatIP over their normalised CLIP embeddings
+    cosine: float
+
+    @classmethod
+    def of(cls, embeddings: np.ndarray, cosine: float) -> Exclusion:
+        import faiss
+
+        index = faiss.IndexFlatIP(embeddings.shape[1])
+        index.add(np.ascontiguousarray(embeddings, np.float32))
+        return cls(index, cosine)
+
+    def hits(self, unit: np.ndarray) -> np.ndarray:
+        if not len(unit):
+            return np.zeros(0, bool)
+        sims, _ = self.index.search(np.ascontiguousarray(unit, np.float32), 1)
+        return sims[:, 0] >= self.cosine
+
+
 def select_class(
     cls: ImageNetClass,
     slices: list[ClassSlice],
     claims: Claims,
     target: int,
     threshold: float,
+    exclusion: Exclusion | None = None,
 ) -> tuple[pa.Table, dict, np.ndarray]:
     """The class's selection, its stats, and the global rows it held but did not need (it
     filled up before reaching them): those go on to their next-best class."""
@@ -230,10 +253,15 @@ def select_class(
     ]
     col = table["embedding"].combine_chunks()
     emb = None
+    excluded = 0
     if col.null_count == 0 and total:
         emb = col.flatten().to_numpy().reshape(total, -1)[rows]
         unit = emb.astype(np.float32)
         unit /= np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12)  # stored as fp16
+        if exclusion is not None:
+            held_out = exclusion.hits(unit)
+            excluded = int(held_out.sum())
+            rows, emb, unit = rows[~held_out], emb[~held_out], unit[~held_out]
         keep = greedy_dedupe(unit, target, threshold)
     else:
         keep = np.arange(min(target, rows.size))
@@ -255,6 +283,7 @@ def select_class(
         "candidates": total,
         "claimed_elsewhere_or_duplicate": total - int(win.sum()),
         "near_duplicates": considered - n,
+        "excluded_eval": excluded,
         "selected": n,
     }
     released = global_rows[rows[considered:]] if n == target else np.zeros(0, np.int64)
@@ -265,10 +294,13 @@ def select_class(
 def shortfall_reason(s: dict) -> str:
     if s["candidates"] == 0:
         return "the curator found no candidates"
-    return (
+    reason = (
         f"pool ran out: {s['candidates']} candidates, {s['claimed_elsewhere_or_duplicate']} "
         f"claimed by another class or duplicates of another image, {s['near_duplicates']} near duplicates"
     )
+    if s.get("excluded_eval"):
+        reason += f", {s['excluded_eval']} near-duplicates of an evaluation set (select.exclude)"
+    return reason
 
 
 def select_all(
@@ -277,6 +309,7 @@ def select_all(
     target: int,
     threshold: float,
     threads: int | None = None,
+    exclusion: Exclusion | None = None,
 ) -> tuple[pa.Table, list[dict]]:
     from threadpoolctl import threadpool_limits
 
@@ -291,7 +324,7 @@ def select_all(
     # while images a full class did not need can move to a class with room.
     with threadpool_limits(1, "blas"), ThreadPoolExecutor(threads or os.cpu_count()) as pool:
         while pending:
-            results = list(pool.map(lambda c: select_class(c, slices.get(c.index, []), claims, target, threshold), pending))  # fmt: skip
+            results = list(pool.map(lambda c: select_class(c, slices.get(c.index, []), claims, target, threshold, exclusion), pending))  # fmt: skip
             released = [np.zeros(0, np.int64)]
             for cls, (table, stats, rel) in zip(pending, results, strict=True):
                 done[cls.index] = (table, stats)
@@ -326,15 +359,24 @@ def shard_name(shift: str, i: int) -> str:
 
 def write_plan(
     config, classes: list[ImageNetClass], units, work, threads: int | None = None,
-    _state=None, _unit=None,
+    clip: tuple[str, str | None] | None = None, _state=None, _unit=None,
 ) -> dict:  # fmt: skip
-    """The select unit: writes _work/plan/ (a parquet per shard, stats.json) as a whole."""
+    """The select unit: writes _work/plan/ (a parquet per shard, stats.json) as a whole.
+    ``clip`` is the shift's CLIP model, which embeds the evaluation sets to exclude."""
     from .embed import unit_source
 
     paths = [unit_source(work, u) for u in units]
+    exclusion = None
+    if config.select.exclude:
+        from .image_sets import exclusion_embeddings
+
+        e = config.embed
+        held_out = exclusion_embeddings(config.select.exclude, clip, e.device, e.batch_size, lambda _: None)  # fmt: skip
+        exclusion = Exclusion.of(held_out, config.select.exclude_cosine)
     selected, stats = select_all(
-        classes, paths, config.target_per_class, config.select.near_duplicate_cosine, threads
-    )
+        classes, paths, config.target_per_class, config.select.near_duplicate_cosine, threads,
+        exclusion,
+    )  # fmt: skip
     shards = plan_shards(
         selected, {c.index: c.wnid for c in classes}, config.shards.samples_per_shard, config.seed
     )

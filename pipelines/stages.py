@@ -108,11 +108,19 @@ def _embed_units(run: Run) -> list[Unit] | None:
 
 
 def embed_model(run: Run) -> tuple[str, str | None] | None:
+    return shift_clip(run.config, run.curator)
+
+
+def shift_clip(config: ShiftConfig, curator) -> tuple[str, str | None] | None:
     """The shift's CLIP model: config ``embed``, else the curator's own (a kNN curator's)."""
-    e = run.config.embed
+    e = config.embed
     if e.model:
+        if e.pretrained and e.pretrained.startswith("demo:"):  # hashed as named, loaded from here
+            from .demo_world import resolve_demo_path
+
+            return e.model, resolve_demo_path(e.pretrained)
         return e.model, e.pretrained
-    own = getattr(run.curator, "embedding_model", None)
+    own = getattr(curator, "embedding_model", None)
     return own() if callable(own) else None
 
 
@@ -162,8 +170,14 @@ STAGES: list[Stage] = [
         done=lambda run, _: run.work.plan.exists(),
         # One unit that uses every core of a node: as many threads as it reserved.
         work=lambda run: partial(
-            write_plan, run.config, run.classes, run.units, run.work, run.node_cpus
-        ),
+            write_plan,
+            run.config,
+            run.classes,
+            run.units,
+            run.work,
+            run.node_cpus,
+            embed_model(run),
+        ),  # fmt: skip
         resources=lambda run: Resources(cpus=float(run.node_cpus)),
     ),
     Stage(

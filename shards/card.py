@@ -13,8 +13,13 @@ def _size_category(n: int) -> str:
 
 
 def _license_id(manifest: dict) -> str:
-    """The curator's licence when it is a plain identifier (cc0-1.0, cc-by-4.0), else 'other'."""
+    """The samples' licence as a Hub identifier (cc0-1.0, cc-by-4.0): the curator's, else the
+    one licence every sample states; 'other' when they differ or none is a plain identifier."""
     text = ((manifest.get("curator_facts") or {}).get("license") or "").strip().lower()
+    if not text:
+        stated = [k for k in (manifest.get("licenses") or {}) if k != "unstated"]
+        text = stated[0].strip().lower() if len(stated) == 1 and len(manifest["licenses"]) == 1 else ""  # fmt: skip
+    text = text.split(" ")[0]  # "CC0-1.0 (synthetic demo)" -> "cc0-1.0"
     return text if re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", text) else "other"
 
 
@@ -48,7 +53,85 @@ def _replaced_line(manifest: dict) -> str:
     )
 
 
-def dataset_card(manifest: dict) -> str:
+PROVENANCE = (
+    ("key, label, wnid, class_name", "the sample's key (`<wnid>_<rank>`), ImageNet-1k index, WordNet id and class name"),
+    ("shift, curator, config_hash, version", "which shift, curator, resolved config and imagenetpp version made it"),
+    ("source {dataset, id, url, caption}", "where the pixels came from"),
+    ("query {kind, value}", "what found or made it: an exemplar image, a text, a lemma, a prompt, a label"),
+    ("score", "the curator's confidence or similarity (comparable within one curator)"),
+    ("model {name, weights}", "the model that scored or made it, weights by content hash"),
+    ("seed, prompt, generation", "for generated samples: the seed, prompt and how it was made"),
+    ("sha256, width, height", "of the stored JPEG bytes"),
+    ("license", "where the source states one"),
+)  # fmt: skip
+
+
+def _metrics_lines(metrics: dict) -> list[str]:
+    c = metrics["classes"]
+    rows = [
+        ("classes covered (at least one image)", f"{c['covered']} / {c['classes']}"),
+        ("classes under 500 images (LT@500)", str(c["lt500"])),
+        ("share of images in the top 5% of classes (LS@5pct)", f"{c['ls5pct']:.3f}"),
+        ("images per class: min / median / max", f"{c['min']} / {c['median']:g} / {c['max']}"),
+    ]
+    if metrics.get("clipscore"):
+        rows.append(("CLIPScore against the class prompt (mean)", f"{metrics['clipscore']['mean']:.2f}"))  # fmt: skip
+    if metrics.get("diversity"):
+        d = metrics["diversity"]
+        rows.append(("mean intra-class cosine similarity", f"{d['mean_intra_class_cosine']:.3f}"))
+        rows.append((f"near-duplicate rate (cosine >= {d['near_duplicate_cosine']})", f"{d['near_duplicate_rate']:.3f}"))  # fmt: skip
+    if metrics.get("reference"):
+        r = metrics["reference"]
+        rows.append((f"CMMD to `{r['name']}` ({r['images']} images)", f"{r['cmmd']:.3f}"))
+    if metrics.get("contamination"):
+        for e in metrics["contamination"]["sets"]:
+            rows.append((f"samples near-duplicating `{e['name']}` ({e['images']} images)", str(e["samples"])))  # fmt: skip
+    out = ["## Metrics", "", "From `report/metrics.json` (`report/index.html` has the plots).", "",
+           "| metric | value |", "|---|---|"]  # fmt: skip
+    return out + [f"| {k} | {v} |" for k, v in rows] + [""]
+
+
+def _curation_lines(manifest: dict) -> list[str]:
+    import json
+
+    config = dict(manifest.get("config") or {})
+    config.pop("run", None)
+    params = (config.get("curator") or {}).get("params") or {}
+    select = config.get("select") or {}
+    lines = [
+        "## How it was curated",
+        "",
+        f"- curator: `{manifest['curator']}`",
+        f"- near-duplicate threshold within the shift (CLIP cosine): {select.get('near_duplicate_cosine')}",  # fmt: skip
+    ]
+    if select.get("exclude"):
+        lines.append(f"- evaluation sets kept out (cosine >= {select.get('exclude_cosine')}): {', '.join(select['exclude'])}")  # fmt: skip
+    embeddings = manifest.get("embeddings") or {}
+    if embeddings.get("model"):
+        lines.append(f"- CLIP model of `embeddings.npy` ({embeddings['dim']}-d, fp16, row-aligned with `index.parquet`): `{embeddings['model']['name']}`")  # fmt: skip
+    for key in ("min_similarity", "k_per_query", "queries", "mode", "steps", "guidance", "strength", "scheduler"):  # fmt: skip
+        if params.get(key) is not None:
+            lines.append(f"- `{key}`: {params[key]}")
+    lines += ["", "<details><summary>Resolved config</summary>", "", "```json",
+              json.dumps(config, indent=2, sort_keys=True, default=str), "```", "", "</details>", ""]  # fmt: skip
+    return lines
+
+
+def _class_lines(manifest: dict) -> list[str]:
+    rows = manifest["per_class"]
+    out = ["<details><summary>Images per class</summary>", "", "| class | wnid | images | target |", "|---|---|---|---|"]  # fmt: skip
+    out += [f"| {r['name']} | {r['wnid']} | {r['kept']} | {r['target']} |" for r in rows]
+    return out + ["", "</details>", ""]
+
+
+def dataset_card(
+    manifest: dict,
+    metrics: dict | None = None,
+    shards: str = "shards/*.tar",
+    repo_id: str | None = None,
+) -> str:
+    """The card: Hub YAML header (with the data_files pattern `datasets.load_dataset` uses),
+    what the shift is, how it was made, its metrics (when reported) and its provenance."""
     shift = manifest["shift"]
     shortfalls = manifest["shortfalls"]
     lines = [
@@ -67,7 +150,7 @@ def dataset_card(manifest: dict) -> str:
         "- config_name: default",
         "  data_files:",
         "  - split: train",
-        "    path: shards/*.tar",
+        f"    path: {shards}",
         "---",
         "",
         f"# {shift}",
@@ -89,7 +172,22 @@ def dataset_card(manifest: dict) -> str:
         _model_line(manifest),
         _replaced_line(manifest),
         "",
+        "## Load it",
+        "",
+        "```python",
+        "from datasets import load_dataset",
+        f'ds = load_dataset("{repo_id or "NAMESPACE/NAME"}", split="train")  # webdataset: jpg, cls, json (, txt)',
+        "```",
+        "",
+        "or stream the tars with `webdataset`.",
+        "",
     ]
+    if metrics:
+        lines += _metrics_lines(metrics)
+    lines += _curation_lines(manifest)
+    lines += ["## Provenance fields (`<key>.json`)", "", "| field | meaning |", "|---|---|"]
+    lines += [f"| `{k}` | {v} |" for k, v in PROVENANCE] + [""]
+    lines += _class_lines(manifest)
     if shortfalls:
         lines += [
             "## Shortfalls",

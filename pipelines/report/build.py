@@ -18,12 +18,13 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from shards.atomic import atomic_path
-from shards.images import BadImage, decode, perceptual_hash
+from shards.images import BadImage, perceptual_hash
 from shards.manifest import EMBEDDINGS, INDEX, MANIFEST, SHARDS_DIR, read_manifest, write_json
 from shards.reader import iter_samples
 
 from ..config import ReportConfig, build_dataclass
 from ..errors import UserError
+from ..image_sets import EncodedSet, ImageSet, encode_set
 from . import metrics as m
 
 REPORT_DIR = "report"
@@ -33,44 +34,6 @@ WORST_SHOWN = 10
 
 class NotAShift(UserError):
     pass
-
-
-@dataclass
-class ImageSet:
-    """A folder of images given by the user; <wnid>/ sub-folders label them (ImageNet layout)."""
-
-    name: str
-    root: Path
-    files: list[Path]
-    wnids: list[str | None]
-
-    @classmethod
-    def open(cls, folder: str, what: str) -> ImageSet:
-        from curators.base import IMAGE_SUFFIXES
-        from curators.labels import by_wnid
-
-        from ..demo_world import resolve_demo_path
-
-        root = Path(resolve_demo_path(folder) if folder.startswith("demo:") else folder)
-        root = root.expanduser()
-        if not root.is_dir():
-            raise UserError(f"{what}: no such folder: {folder}")
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise UserError(f"{what}: no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-        known = by_wnid()
-        wnids = [p.parent.name if p.parent.name in known else None for p in files]
-        name = folder.removeprefix("demo:") if folder.startswith("demo:") else root.name
-        return cls(name, root, files, wnids)
-
-
-@dataclass
-class EncodedSet:
-    images: ImageSet
-    embeddings: np.ndarray  # (n, dim) float32, rows of the decodable files
-    rows: list[int]  # which files those are
-    hashes: np.ndarray  # (n, 8) uint8 perceptual hashes of the same rows
-    unreadable: int
 
 
 @dataclass
@@ -140,35 +103,6 @@ def shift_encoder(shift: ShiftFiles, device: str = "auto", batch_size: int = 64)
     return ClipEncoder(model["name"], model["pretrained"], device, batch_size), None
 
 
-def encode_set(images: ImageSet, encoder, log: Callable[[str], None]) -> EncodedSet:
-    """CLIP embeddings and perceptual hashes of an image folder, in batches."""
-    embs, rows, hashes, bad = [], [], [], 0
-    batch: list = []
-
-    def flush() -> None:
-        if batch:
-            embs.append(encoder.encode_images([im for _, im in batch]))
-            batch.clear()
-
-    for i, path in enumerate(images.files):
-        data = path.read_bytes()
-        try:
-            img = decode(data)
-            h = perceptual_hash(data)
-        except BadImage:
-            bad += 1
-            continue
-        rows.append(i)
-        hashes.append(np.frombuffer(h, np.uint8))
-        batch.append((i, img))
-        if len(batch) >= encoder.batch_size:
-            flush()
-    flush()
-    log(f"report: {images.name}: {len(rows)} images embedded ({bad} unreadable)")
-    emb = np.concatenate(embs) if embs else np.zeros((0, encoder.dim), np.float32)
-    return EncodedSet(images, emb, rows, np.stack(hashes) if hashes else np.zeros((0, 8), np.uint8), bad)  # fmt: skip
-
-
 def _class_rows(labels: np.ndarray) -> dict[int, np.ndarray]:
     order = np.argsort(labels, kind="stable")
     sorted_labels = labels[order]
@@ -236,6 +170,8 @@ def find_contamination(
                 for r in np.flatnonzero(sims[:, 0] >= options.contamination_cosine):
                     pair = pairs.setdefault((start + int(r), s, int(nearest[r, 0])), {})
                     pair["cosine"] = float(sims[r, 0])
+    if options.phash_max_distance is None:
+        return _pairs_list(pairs, sets)
     indexes = []
     for es in sets:
         index = faiss.IndexBinaryFlat(64)
@@ -268,6 +204,10 @@ def find_contamination(
         search(block)
     if unreadable:
         log(f"report: {unreadable} samples could not be hashed (undecodable)")
+    return _pairs_list(pairs, sets)
+
+
+def _pairs_list(pairs: dict[tuple[int, int, int], dict], sets: list[EncodedSet]) -> list[dict]:
     out = []
     for (row, s, j), found in sorted(pairs.items()):
         es = sets[s]
@@ -310,6 +250,9 @@ def write_report(
 ) -> Report:
     from . import render
 
+    def say(line: str) -> None:
+        log(f"report: {line}")
+
     shift = ShiftFiles.open(shift_dir)
     options = options or report_options(shift.manifest)
     # Folders are checked before any model loads: a typo answers at once.
@@ -337,8 +280,9 @@ def write_report(
         prompts = [options.prompt.format(name=c["name"], wnid=c["wnid"]) for c in per_class]
         text = encoder.encode_texts(prompts)
         if reference_set:
-            reference = encode_set(reference_set, encoder, log)
-        sets = [encode_set(s, encoder, log) for s in eval_images]
+            reference = encode_set(reference_set, encoder, say)
+    # Without a CLIP model, contamination is still looked for, by perceptual hash alone.
+    sets = [encode_set(s, encoder, say) for s in eval_images]
     classes: dict[int, dict] = {}
     if shift.embeddings is not None:
         classes, hist = per_class_measures(shift, options, text, reference)

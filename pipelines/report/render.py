@@ -230,7 +230,13 @@ def index_html(metrics: dict, per_class: list[dict], classes: dict[int, dict], p
         parts += [
             "<h2>Contamination: near-duplicates of evaluation sets</h2>",
             f"<p>{t['samples']} samples ({_fmt(100 * t['rate'], 2)}%) have a near-duplicate "
-            f"(CLIP cosine &ge; {t['cosine']} or perceptual-hash distance &le; {t['phash_max_distance']}); "  # fmt: skip
+            f"(CLIP cosine &ge; {t['cosine']}"
+            + (
+                ""
+                if t["phash_max_distance"] is None
+                else f" or perceptual-hash distance &le; {t['phash_max_distance']}"
+            )  # fmt: skip
+            + "); "
             "all pairs are in <code>contamination.parquet</code>.</p>",
             _table(
                 ["eval set", "images", "pairs", "samples", "by embedding", "by phash"],

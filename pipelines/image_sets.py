@@ -1,0 +1,95 @@
+"""Folders of images a user names (a reference set, evaluation sets): listed, labelled by
+their <wnid>/ sub-folders where they have them, embedded with the shift's CLIP model and
+perceptually hashed. Report measures against them; select can exclude them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from shards.images import BadImage, decode, perceptual_hash
+
+from .errors import UserError
+
+
+@dataclass
+class ImageSet:
+    """A folder of images given by the user; <wnid>/ sub-folders label them (ImageNet layout)."""
+
+    name: str
+    root: Path
+    files: list[Path]
+    wnids: list[str | None]
+
+    @classmethod
+    def open(cls, folder: str, what: str) -> ImageSet:
+        from curators.base import IMAGE_SUFFIXES
+        from curators.labels import by_wnid
+
+        from .demo_world import resolve_demo_path
+
+        root = Path(resolve_demo_path(folder) if folder.startswith("demo:") else folder)
+        root = root.expanduser()
+        if not root.is_dir():
+            raise UserError(f"{what}: no such folder: {folder}")
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise UserError(f"{what}: no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+        known = by_wnid()
+        wnids = [p.parent.name if p.parent.name in known else None for p in files]
+        name = folder.removeprefix("demo:") if folder.startswith("demo:") else root.name
+        return cls(name, root, files, wnids)
+
+
+@dataclass
+class EncodedSet:
+    images: ImageSet
+    embeddings: np.ndarray  # (n, dim) float32, rows of the decodable files
+    rows: list[int]  # which files those are
+    hashes: np.ndarray  # (n, 8) uint8 perceptual hashes of the same rows
+    unreadable: int
+
+
+def encode_set(images: ImageSet, encoder, log: Callable[[str], None]) -> EncodedSet:
+    """CLIP embeddings (none without an encoder) and perceptual hashes of an image folder."""
+    embs, rows, hashes, bad = [], [], [], 0
+    batch: list = []
+
+    def flush() -> None:
+        if batch and encoder is not None:
+            embs.append(encoder.encode_images([im for _, im in batch]))
+            batch.clear()
+
+    for i, path in enumerate(images.files):
+        data = path.read_bytes()
+        try:
+            img = decode(data)
+            h = perceptual_hash(data)
+        except BadImage:
+            bad += 1
+            continue
+        rows.append(i)
+        hashes.append(np.frombuffer(h, np.uint8))
+        batch.append((i, img))
+        if len(batch) >= (encoder.batch_size if encoder is not None else 1):
+            flush()
+    flush()
+    log(
+        f"{images.name}: {len(rows)} images {'embedded and ' if encoder else ''}hashed ({bad} unreadable)"
+    )
+    emb = np.concatenate(embs) if embs else np.zeros((0, 0), np.float32)
+    return EncodedSet(images, emb, rows, np.stack(hashes) if hashes else np.zeros((0, 8), np.uint8), bad)  # fmt: skip
+
+
+def exclusion_embeddings(folders: list[str], clip: tuple[str, str | None], device: str,
+                         batch_size: int, log: Callable[[str], None]) -> np.ndarray:  # fmt: skip
+    """The CLIP embeddings of every image in the given evaluation sets, for select to keep
+    their near-duplicates out of a shift."""
+    from curators.clip_models import ClipEncoder
+
+    sets = [ImageSet.open(f, "select.exclude") for f in folders]
+    encoder = ClipEncoder(clip[0], clip[1], device, batch_size)
+    return np.concatenate([encode_set(s, encoder, log).embeddings for s in sets])
