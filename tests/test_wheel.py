@@ -3,7 +3,6 @@ still work (configs, label tables and model configs travel as package data)."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
