@@ -269,11 +269,20 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .report import report_options, write_report
     from .report.build import ShiftFiles
 
+    if args.contamination_cosine is not None and not 0 < args.contamination_cosine <= 1:
+        raise UserError(f"--contamination-cosine must lie in (0, 1], got {args.contamination_cosine}")  # fmt: skip
+    if args.phash_max_distance is not None and not 0 <= args.phash_max_distance <= 64:
+        raise UserError(f"--phash-max-distance must lie in 0..64, got {args.phash_max_distance}")
     shift = ShiftFiles.open(args.shift_dir)  # one line if it is not a shift
     options = report_options(
         shift.manifest, reference=args.reference, eval_sets=args.eval_set,
         contact_classes=args.contact_classes.split(",") if args.contact_classes else None,
+        contamination_cosine=args.contamination_cosine, phash_max_distance=args.phash_max_distance,
     )  # fmt: skip
+    known = {c["wnid"] for c in shift.manifest["per_class"]}
+    unknown = [w for w in options.contact_classes if w not in known]
+    if unknown:
+        raise UserError(f"--contact-classes: {unknown[0]} is not a class of this shift")
     report = write_report(args.shift_dir, options, args.device, args.batch_size)
     for note in report.notes:
         print(f"note: {note}")
@@ -475,6 +484,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-set", action="append", metavar="DIR",
                    help="evaluation images to look for near-duplicates of (repeatable)")  # fmt: skip
     p.add_argument("--contact-classes", metavar="WNID[,WNID]", help="classes on the contact sheet")
+    p.add_argument("--contamination-cosine", type=float, metavar="C",
+                   help="an eval image this close (CLIP cosine) to a sample is a near-duplicate "
+                   "(default: report.contamination_cosine of the shift's config, 0.95)")  # fmt: skip
+    p.add_argument("--phash-max-distance", type=int, metavar="BITS",
+                   help="... or one whose perceptual hash differs in at most this many of 64 bits "
+                   "(default: report.phash_max_distance, 4)")  # fmt: skip
     p.add_argument("--device", default="auto", help="for the CLIP model")
     p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(func=cmd_report)

@@ -182,7 +182,7 @@ def dataset_card(
         "or stream the tars with `webdataset`.",
         "",
     ]
-    if metrics:
+    if metrics and metrics.get("classes"):
         lines += _metrics_lines(metrics)
     lines += _curation_lines(manifest)
     lines += ["## Provenance fields (`<key>.json`)", "", "| field | meaning |", "|---|---|"]

@@ -169,6 +169,7 @@ class HubServer:
         self.required_token: str | None = None
         self.forbid = False
         self.tree_page_size = 1000  # the Hub's page size for tree listings
+        self.commit_delay_s = 0.0  # a slow Hub: time for a test to kill a client mid-publish
         self._faults: list[list[Any]] = []  # [kind, status, times left]
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), type("H", (_Handler,), {"hub": self}))
@@ -349,6 +350,7 @@ class HubServer:
         return _json({"files": files, "commitOid": head.oid})
 
     def _on_commit(self, req: Request) -> Answer:
+        time.sleep(self.commit_delay_s)
         repo, branch = self._repo(req), req.route["rev"]
         if "create_pr" in req.query:
             raise HubError(400, "create_pr is not supported by this test hub")
