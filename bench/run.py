@@ -20,6 +20,8 @@ measured in the same run. Writes bench/results.json. Not a test: nothing here as
   SD-layout pipeline at 256 px, 20 steps, vs a bare diffusers loop in its own process making
   the same images, start-up included on both sides (images/s, ratio); plus the in-process
   steady state (one unit through the curator vs the same pipeline called bare)
+- report: `imagenetpp report` on synthetic 1000-class shifts of 20k and 100k samples (CLIPScore,
+  diversity, CMMD, contamination by embedding and perceptual hash): wall and peak PSS
 - sd15_cost: FLOPs of one SD 1.5 image at 512 px, 20 steps (FlopCounterMode over randomly
   initialised UNet, VAE decoder, CLIP text tower) and the H100 GPU-hours for 1.3M images
 
@@ -1021,6 +1023,92 @@ def bench_sd15_cost(steps: int = 20, images: int = 1_300_000, mfu: float = 0.35)
     }
 
 
+def synthetic_shift(root: Path, samples: int, dim: int, ckpt: str, world: Path) -> Path:
+    """A finished 1000-class shift folder of ``samples`` samples without curating: real shards
+    (64 px JPEGs from a set of 256 pictures), index.parquet, fp16 embeddings (random unit
+    vectors), and a manifest naming the demo's tiny CLIP and the demo's reference and eval sets.
+    Cached by size."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from curators import label_set
+    from shards.writer import ShardWriter
+
+    shift = root / f"report-shift-{samples}"
+    if (shift / "manifest.json").exists():
+        return shift
+    fresh(shift)
+    (shift / "shards").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    pictures = []
+    for _ in range(256):
+        img = Image.fromarray((rng.random((8, 8, 3)) * 255).astype(np.uint8)).resize((64, 64))
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        pictures.append(buf.getvalue())
+    classes = label_set()
+    labels = rng.permutation(np.arange(samples) % 1000)
+    per_shard, rows, shards = 1000, {"key": [], "shard": [], "position": [], "label": [], "wnid": []}, []  # fmt: skip
+    rank = np.zeros(1000, np.int64)
+    for start in range(0, samples, per_shard):
+        name = f"bench-report-{start // per_shard:06d}.tar"
+        writer = ShardWriter(shift / "shards" / name)
+        for pos, label in enumerate(labels[start : start + per_shard]):
+            c = classes[int(label)]
+            key = f"{c.wnid}_{rank[label]:05d}"
+            rank[label] += 1
+            writer.write(key, {"jpg": pictures[(start + pos) % 256], "cls": str(c.index).encode()})
+            for k, v in (("key", key), ("shard", name), ("position", pos), ("label", c.index), ("wnid", c.wnid)):  # fmt: skip
+                rows[k].append(v)
+        writer.close()
+        shards.append({"name": name, "samples": min(per_shard, samples - start)})
+    pq.write_table(pa.table(rows), shift / "index.parquet")
+    emb = rng.standard_normal((samples, dim)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    np.save(shift / "embeddings.npy", emb.astype(np.float16))
+    counts = np.bincount(labels, minlength=1000)
+    manifest = {
+        "shift": "bench-report", "curator": "synthetic", "config_hash": "0" * 16,
+        "target_per_class": int(counts.max()), "total_samples": samples, "classes": 1000,
+        "skipped": {"count": 0}, "shards": shards,
+        "embeddings": {"file": "embeddings.npy", "rows": samples, "dim": dim, "dtype": "float16",
+                       "model": {"name": "imagenetpp-tiny", "pretrained": ckpt}},
+        "per_class": [{"label": c.index, "wnid": c.wnid, "name": c.name, "target": int(counts.max()),
+                       "kept": int(counts[c.index])} for c in classes],
+        "config": {"report": {"reference": str(world / "exemplars"), "eval_sets": [str(world / "evalset")]}},
+    }  # fmt: skip
+    (shift / "manifest.json").write_text(json.dumps(manifest))
+    return shift
+
+
+def bench_report() -> dict:
+    """`imagenetpp report` on synthetic 1000-class shifts of two sizes (BENCH_REPORT_SIZES,
+    default 20000,100000), with the demo's reference set (CMMD) and eval set (contamination by
+    embedding and by perceptual hash of every sample): wall and peak memory of the process."""
+    from _proc import run_cmd
+
+    from pipelines.demo_world import ensure_demo_world
+
+    sizes = [int(s) for s in os.environ.get("BENCH_REPORT_SIZES", "20000,100000").split(",")]
+    world = ensure_demo_world()
+    _, ckpt = tiny_model()
+    result: dict = {"classes": 1000, "embedding_dim": 32, "image": "64x64 JPEG q90"}
+    for n in sizes:
+        print(f"  report {n}: generating (cached) ...", flush=True)
+        shift = synthetic_shift(WORK, n, 32, ckpt, world)
+        run = run_cmd([*cli(), "report", str(shift)], WORK / "logs" / f"report_{n}.log", memory=True)  # fmt: skip
+        metrics = json.loads((shift / "report" / "metrics.json").read_text())
+        run["samples_per_s"] = round(n / run["wall_s"], 1)
+        run["contaminated_samples"] = metrics["contamination"]["samples"]
+        result[str(n)] = run
+    big, small = str(max(sizes)), str(min(sizes))
+    result["peak_mb_ratio_large_to_small"] = round(result[big]["peak_mb"] / result[small]["peak_mb"], 3)  # fmt: skip
+    result["wall_ratio_large_to_small"] = round(result[big]["wall_s"] / result[small]["wall_s"], 3)
+    result["goal"] = "streaming: peak memory flat in shift size; wall about linear"
+    return result
+
+
 def _index_embed() -> dict:
     from pipelines.demo_world import world_dir
 
@@ -1050,6 +1138,7 @@ ENTRIES = {
         lambda: {"diffusion_vs_diffusers": bench_diffusion()},
     ),
     "sd15_cost": ("counted on CPU, ~2 min", lambda: {"sd15_cost": bench_sd15_cost()}),
+    "report": ("first run generates the shifts", lambda: {"report": bench_report()}),
 }
 
 

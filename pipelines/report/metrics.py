@@ -63,7 +63,7 @@ def intra_class(x: np.ndarray, duplicate_cosine: float, block: int = 2048) -> tu
     return mean, duplicated
 
 
-def _mean_kernel(x: np.ndarray, y: np.ndarray, gamma: float, block: int = 4096) -> float:
+def _mean_kernel(x: np.ndarray, y: np.ndarray, gamma: float, block: int = 512) -> float:
     total = 0.0
     xx = (x.astype(np.float64) ** 2).sum(1)
     yy = (y.astype(np.float64) ** 2).sum(1)

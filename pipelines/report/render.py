@@ -32,7 +32,8 @@ def plot_class_counts(path: Path, metrics: dict, per_class: list[dict]) -> None:
     plt = _pyplot()
     counts = sorted((c["kept"] for c in per_class), reverse=True)
     fig, ax = plt.subplots(figsize=(8, 3.2))
-    ax.bar(range(len(counts)), counts, width=1.0, color="#4c72b0")
+    # One filled step outline, not a bar per class: 1000 bar patches take seconds to draw.
+    ax.stairs(counts, np.arange(len(counts) + 1) - 0.5, fill=True, color="#4c72b0")
     ax.axhline(metrics["classes"]["target"], color="#55a868", lw=1, label="target")
     if max(counts, default=0) >= 500 or metrics["classes"]["target"] >= 500:
         ax.axhline(500, color="#c44e52", lw=1, ls="--", label="LT@500")
