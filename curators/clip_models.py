@@ -200,6 +200,12 @@ def _reachable(host: str, port: int) -> bool:
         return False
 
 
+def host_port(url_text: str) -> tuple[str, int]:
+    """(host, port) a URL connects to, the scheme's port when none is given."""
+    url = urlparse(url_text)
+    return url.hostname or "", url.port or (80 if url.scheme == "http" else 443)
+
+
 def _download_source(cfg: dict) -> tuple[str, int, str]:
     """(host, port, local cache folder) of where open_clip would fetch a tag's weights."""
     kind, where = _tag_source(cfg)
@@ -208,8 +214,7 @@ def _download_source(cfg: dict) -> tuple[str, int, str]:
         from huggingface_hub import constants
 
         where, cache = constants.ENDPOINT, constants.HF_HUB_CACHE
-    url = urlparse(where)
-    return url.hostname or "", url.port or (80 if url.scheme == "http" else 443), cache
+    return (*host_port(where), cache)
 
 
 def check_weights(model: str, pretrained: str | None) -> Weights:

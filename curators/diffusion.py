@@ -133,6 +133,8 @@ def prompt_for(template: str, cls: ImageNetClass) -> str:
 @dataclass
 class _Try:
     index: int
+    seed: int  # of this attempt
+    prompt: str
     attempt: int = 0
     replaced: list[dict[str, Any]] = field(default_factory=list)
 
@@ -149,15 +151,13 @@ class DiffusionCurator:
         self.license = params.license
         self._pipe = None
         self._clip = None
-        self._weights: str | None = None
 
     @property
     def model(self) -> dict[str, str | None]:
         from .diffusion_models import model_folder, weights_digest
 
-        if self._weights is None:
-            self._weights = weights_digest(str(model_folder(self.params.model)))
-        return {"name": self.params.provenance_name, "weights": self._weights}
+        # weights_digest is cached per folder: hashing the weights happens once per process.
+        return {"name": self.params.provenance_name, "weights": weights_digest(str(model_folder(self.params.model)))}  # fmt: skip
 
     def embedding_model(self) -> tuple[str, str | None] | None:
         """The CLIP filter's model embeds the shift (its embeddings are already made)."""
@@ -201,20 +201,24 @@ class DiffusionCurator:
         exemplars = self._exemplars(cls, indices) if p.mode == "img2img" else {}
         model = self.model  # hashed once per worker, before the first image
         settings = self._settings()
-        pending = [_Try(i) for i in indices]
+
+        def aim(index: int, attempt: int = 0) -> tuple[int, str]:
+            return p.seed(cls.index, index, attempt), prompt_for(p.prompts[index % len(p.prompts)], cls)  # fmt: skip
+
+        pending = [_Try(i, *aim(i)) for i in indices]
         done: list[Candidate] = []
         failed: list[Rejected] = []
         while pending:
             batch, pending = pending[: p.batch_size], pending[p.batch_size :]
             retry = []
             for t, image, flagged, sim, emb in self._make(cls, batch, exemplars):
-                seed = p.seed(cls.index, t.index, t.attempt)
                 check, reason = self._rejection(image, flagged, sim)
                 if check is None:
                     done.append(self._candidate(cls, t, image, sim, emb, exemplars, model, settings))  # fmt: skip
                     continue
-                t.replaced.append({"seed": seed, "check": check, "reason": reason})
+                t.replaced.append({"seed": t.seed, "check": check, "reason": reason})
                 t.attempt += 1
+                t.seed, t.prompt = aim(t.index, t.attempt)
                 if t.attempt < p.max_attempts:
                     retry.append(t)
                 else:
@@ -259,9 +263,9 @@ class DiffusionCurator:
         import torch
 
         p = self.params
-        prompts = [prompt_for(p.prompts[t.index % len(p.prompts)], cls) for t in batch]
+        prompts = [t.prompt for t in batch]
         # CPU generators: the starting noise is the same on every device.
-        gens = [torch.Generator("cpu").manual_seed(p.seed(cls.index, t.index, t.attempt)) for t in batch]  # fmt: skip
+        gens = [torch.Generator("cpu").manual_seed(t.seed) for t in batch]
         kwargs: dict[str, Any] = dict(
             prompt=prompts, num_inference_steps=p.steps, guidance_scale=p.guidance,
             generator=gens, output_type="pil",
@@ -310,8 +314,7 @@ class DiffusionCurator:
 
     def _candidate(self, cls, t: _Try, image, sim, emb, exemplars, model, settings) -> Candidate:
         p = self.params
-        seed = p.seed(cls.index, t.index, t.attempt)
-        prompt = prompt_for(p.prompts[t.index % len(p.prompts)], cls)
+        seed, prompt = t.seed, t.prompt
         generation = {**settings, "index": t.index, "attempt": t.attempt, "replaced": t.replaced}
         exemplar = None
         if exemplars:

@@ -19,7 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from .base import ResourceError
-from .clip_models import _hub_offline, _one_line, _reachable, resolve_device
+from .clip_models import _hub_offline, _one_line, _reachable, host_port, resolve_device
 
 # Config names -> diffusers scheduler classes (any class name below is accepted as well).
 SCHEDULERS = {
@@ -66,8 +66,8 @@ def check_model(model: str) -> str | None:
         return None
     from huggingface_hub import constants
 
-    host = constants.ENDPOINT.split("://", 1)[-1].split("/", 1)[0].split(":")[0]
-    if _hub_offline() or not _reachable(host, 443):
+    # HF_ENDPOINT may name a mirror on any port (the same parse open_clip's weights get).
+    if _hub_offline() or not _reachable(*host_port(constants.ENDPOINT)):
         return (
             f"{model} is not in the local Hugging Face cache and the hub cannot be reached; "
             "download it once (huggingface-cli download ...) or give a local folder"
