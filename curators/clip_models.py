@@ -122,6 +122,16 @@ def _no_weights_message(model: str) -> str:
     )
 
 
+def precheck_weights(model: str, pretrained: str | None) -> None:
+    """The weights mistakes that need no open_clip (its import takes seconds): an empty value,
+    a checkpoint path that is not there."""
+    value = (pretrained or "").strip()
+    if not value:
+        raise ResourceError(_no_weights_message(model))
+    if looks_like_path(value) and not Path(value).expanduser().is_file():
+        raise ResourceError(f"model checkpoint not found: {value}")
+
+
 def resolve_weights(model: str, pretrained: str | None) -> Weights:
     """Turn a ``pretrained`` value into Weights without loading anything; raises
     ResourceError for an empty value, a missing checkpoint or an unknown tag."""

@@ -114,10 +114,12 @@ def plan_index(
 ) -> IndexPlan:
     """Resolve the pool, the model, its weights (cache / hub reachability) and the faiss factory:
     cheap checks that turn a missing resource into one line before Ray or a model starts."""
-    shards = pool_shards(pool)  # first: a wrong path answers before open_clip's ~6 s import
-    import open_clip
+    from curators.clip_models import check_weights, precheck_weights, resolve_model_name
 
-    from curators.clip_models import check_weights, resolve_model_name
+    # First what needs no open_clip: a wrong path answers before its ~6 s import.
+    shards = pool_shards(pool)
+    precheck_weights(model, pretrained)
+    import open_clip
 
     name = resolve_model_name(model)
     weights = check_weights(name, pretrained)

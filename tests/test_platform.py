@@ -248,6 +248,8 @@ def test_candidates_without_embeddings_are_embedded_and_deduplicated(tmp_path, d
     index = pq.read_table(shift / "index.parquet")
     emb = np.load(shift / "embeddings.npy")
     assert emb.dtype == np.float16 and emb.shape == (index.num_rows, 32)
+    model = manifest["embeddings"].pop("model")  # the one report loads to read them
+    assert model["name"] == "imagenetpp-tiny" and model["pretrained"].endswith("imagenetpp-tiny.pt")
     assert manifest["embeddings"] == {"file": "embeddings.npy", "rows": 18, "dim": 32, "dtype": "float16"}  # fmt: skip
     # Row i is sample i's embedding: recompute one from its stored bytes.
     from curators.clip_models import ClipEncoder

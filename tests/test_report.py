@@ -247,3 +247,20 @@ def test_curate_excludes_an_eval_set_and_reports_it_clean(demo_world, tmp_path):
     got = json.loads((shift / "report" / "metrics.json").read_text())
     assert got["contamination"]["sets"][0]["by_embedding"] == 0
     assert f"report: {shift / 'report' / 'index.html'}" in proc.stdout
+
+
+def test_report_and_exclude_config_mistakes_answer_at_once(tmp_path):
+    """`check` names each bad report/select.exclude value, touching nothing."""
+    for setting, named in (
+        ("select.exclude=[/no/such/evalset]", "select.exclude[0]"),
+        ("report.eval_sets=[/no/such/evalset]", "report.eval_sets[0]"),
+        ("report.reference=/no/such/reference", "report.reference"),
+        ("report.eval_sets=[demo:nothing]", "report.eval_sets[0]"),
+        ("report.prompt='a photo of {label}'", "report.prompt"),
+        ("report.contamination_cosine=0", "report.contamination_cosine"),
+        ("report.phash_max_distance=65", "report.phash_max_distance"),
+        ("report.contact_classes=[n00000000]", "report.contact_classes[0]"),
+    ):
+        proc = run_cli("check", str(DEMO_CONFIG), "--out", str(tmp_path / "out"), "--set", setting)
+        one_line_error(proc, named)
+    assert not (tmp_path / "out").exists()

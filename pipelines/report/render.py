@@ -8,7 +8,7 @@ from html import escape
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 THUMB = 128
 
@@ -73,8 +73,7 @@ def plot_diversity(path: Path, metrics: dict, classes: dict[int, dict]) -> None:
 def _thumb(data: bytes, side: int = THUMB) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as img:
-            img = img.convert("RGB")
-            img.thumbnail((side, side))
+            img = ImageOps.contain(img.convert("RGB"), (side, side))  # small images scale up too
     except Exception:  # noqa: BLE001  an undecodable sample shows as grey, not a crash
         img = Image.new("RGB", (side, side), (128, 128, 128))
     tile = Image.new("RGB", (side, side), (255, 255, 255))
