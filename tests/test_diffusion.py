@@ -28,7 +28,8 @@ from .conftest import CLI, REPO, one_line_error, run_cli
 CONFIG = REPO / "configs" / "demo_sd_txt2img.yaml"
 SMALL = ["--set", "classes.wnids=[n01443537,n02007558]", "--set", "target_per_class=8",
          "--set", "curator.params.images_per_class=8", "--set", "curator.params.unit_size=4",
-         "--set", "shards.samples_per_shard=5"]  # fmt: skip
+         "--set", "shards.samples_per_shard=5",
+         "--set", "embed.model=null"]  # no CLIP embedding: these tests are about generation  # fmt: skip
 GOLDFISH = label_set()[1]
 
 

@@ -9,7 +9,7 @@ import webdataset as wds
 from shards.manifest import sha256_file
 from shards.verify import REQUIRED_FIELDS
 
-from .conftest import DEMO_CONFIG, run_cli
+from .conftest import DEMO_CONFIG, run_cli, with_report
 
 
 def shard_files(shift):
@@ -134,8 +134,10 @@ def test_url_index_shift_downloads_replaces_dead_links_and_is_port_free(demo_wor
     for run in ("a", "b"):
         with serve_pool(demo_world) as address:
             resolve = f"run.resolve={{{DEMO_POOL_HOST}: '{address}'}}"
+            # Run a ends with its report, as a user's would: it must find the eval set kept out.
+            env = with_report() if run == "a" else None
             proc = run_cli("curate", "configs/demo_knn_url.yaml", "--out", str(tmp_path / run),
-                           "--executor", "local", "--no-progress", "--set", resolve)  # fmt: skip
+                           "--executor", "local", "--no-progress", "--set", resolve, env=env)  # fmt: skip
         assert proc.returncode == 0, proc.stderr
         outs.append(tmp_path / run / "demo-knn-url")
     a, b = outs
@@ -147,6 +149,12 @@ def test_url_index_shift_downloads_replaces_dead_links_and_is_port_free(demo_wor
     acquire = manifest["acquire"]
     assert acquire["failed"] > 0 and acquire["rounds"] >= 2  # dead links were replaced
     assert manifest["embeddings"]["rows"] == 600  # fetched images embedded by the index model
+    # select.exclude kept the demo eval set's leaked pool images out, and the classes refilled:
+    # the report finds none of them by embedding at the same threshold.
+    assert manifest["excluded_eval"]["count"] > 0 and manifest["excluded_eval"]["cosine"] == 0.996
+    report = json.loads((a / "report" / "metrics.json").read_text())
+    assert report["contamination"]["cosine"] == 0.996
+    assert report["contamination"]["sets"][0]["by_embedding"] == 0
     truth = {r["key"]: r["label"] for r in pq.read_table(demo_world / "ground_truth.parquet").to_pylist()}  # fmt: skip
     right = 0
     for s in wds.WebDataset(shard_files(a), shardshuffle=False):

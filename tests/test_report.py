@@ -23,7 +23,7 @@ from shards.images import perceptual_hash
 from shards.reader import iter_samples
 from shards.writer import ShardWriter
 
-from .conftest import DEMO_CONFIG, one_line_error, run_cli, with_report
+from .conftest import DEMO_CONFIG, one_line_error, run_cli
 
 COUNTS = [6, 4, 3, 2, 1, 0, 0, 0, 0, 0]  # ten classes, target 5
 E = np.eye(4, dtype=np.float32)
@@ -229,24 +229,6 @@ def test_report_mistakes_are_one_line(planted, tmp_path):
     one_line_error(run_cli("report", str(shift), "--contact-classes", "n09999999"), "n09999999")
     one_line_error(run_cli("report", str(shift), "--contamination-cosine", "2"), "--contamination-cosine")  # fmt: skip
     one_line_error(run_cli("compare", str(tmp_path)), "not a finished shift folder")
-
-
-def test_curate_excludes_an_eval_set_and_reports_it_clean(demo_world, tmp_path):
-    """select.exclude drops candidates near the evaluation set before balancing, so the shift
-    stays full; the end-of-curate report then finds none of them by embedding."""
-    proc = run_cli(
-        "curate", str(DEMO_CONFIG), "--out", str(tmp_path), "--executor", "local", "--no-progress",
-        "--set", "select.exclude=[demo:evalset]", "--set", "select.exclude_cosine=0.99",
-        "--set", "report.contamination_cosine=0.99", env=with_report(),
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    shift = tmp_path / "demo-knn-img"
-    manifest = json.loads((shift / "manifest.json").read_text())
-    assert manifest["excluded_eval"]["count"] > 0
-    assert sum(c["excluded_eval"] for c in manifest["per_class"]) == manifest["excluded_eval"]["count"]  # fmt: skip
-    got = json.loads((shift / "report" / "metrics.json").read_text())
-    assert got["contamination"]["sets"][0]["by_embedding"] == 0
-    assert f"report: {shift / 'report' / 'index.html'}" in proc.stdout
 
 
 def test_report_and_exclude_config_mistakes_answer_at_once(tmp_path):

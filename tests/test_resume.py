@@ -59,9 +59,10 @@ def count(folder, pattern):
 KILL_POINTS = {
     "during-candidates": lambda s: count(s / "_work" / "candidates", "*.parquet") >= 2,
     "after-select": lambda s: (s / "_work" / "plan" / "stats.json").exists(),
-    "during-materialize": lambda s: count(s / "_work" / "shard_rows", "*.parquet") >= 3,
-    # A shard tar half-written under its temporary name.
-    "mid-shard-write": lambda s: count(s / "shards", ".*.tmp") >= 1,
+    # Shards committed, and the next one half-written under its temporary name.
+    "mid-materialize": lambda s: (
+        count(s / "_work" / "shard_rows", "*.parquet") >= 3 and count(s / "shards", ".*.tmp") >= 1
+    ),
 }
 
 
