@@ -365,7 +365,7 @@ def _check_classes(classes: ClassesConfig) -> None:
         seen.add(wnid)
 
 
-def image_folders(config: ShiftConfig) -> dict[str, str]:
+def named_paths(config: ShiftConfig) -> dict[str, str]:
     """Config key -> folder of images, for the keys that name one (eval sets, reference), and
     a `demo:` CLIP checkpoint."""
     named = {f"select.exclude[{i}]": v for i, v in enumerate(config.select.exclude)}
@@ -377,12 +377,12 @@ def image_folders(config: ShiftConfig) -> dict[str, str]:
     return named
 
 
-def _check_image_folders(config: ShiftConfig, check_resources: bool) -> None:
+def _check_named_paths(config: ShiftConfig, check_resources: bool) -> None:
     from curators.labels import by_wnid
 
     from .demo_world import check_demo_name
 
-    for key, value in image_folders(config).items():
+    for key, value in named_paths(config).items():
         if value.startswith("demo:"):
             try:
                 check_demo_name(value)
@@ -436,7 +436,7 @@ def parse_config(data: Any, check_resources: bool = True) -> ShiftConfig:
     rest = {k: v for k, v in data.items() if k != "curator"}
     config = build_dataclass(ShiftConfig, {**rest, "curator": {"name": curator["name"]}})
     _check_classes(config.classes)
-    _check_image_folders(config, check_resources)
+    _check_named_paths(config, check_resources)
     config.curator.demo_params = demo_names
     if getattr(params, "images_per_class", 0) is None:  # a generator makes the target by default
         params.images_per_class = config.target_per_class

@@ -95,11 +95,15 @@ def write_card(shift_dir: Path, repo_id: str | None = None) -> Path:
     return card
 
 
+def check_shift(shift_dir: Path) -> None:
+    if not (shift_dir / MANIFEST).is_file() or not (shift_dir / INDEX).is_file():
+        raise PublishError(f"not a finished shift folder (no {MANIFEST} or {INDEX}): {shift_dir}")
+
+
 def local_files(shift_dir: Path) -> list[Upload]:
     """Everything that goes, with its repo path; the shards' sha256 come from the manifest
     (verify checks them), everything else is hashed here."""
-    if not (shift_dir / MANIFEST).is_file() or not (shift_dir / INDEX).is_file():
-        raise PublishError(f"not a finished shift folder (no {MANIFEST} or {INDEX}): {shift_dir}")
+    check_shift(shift_dir)
     manifest = read_manifest(shift_dir)
     paths = shard_paths([s["name"] for s in manifest["shards"]])
     out = []
@@ -232,9 +236,9 @@ def publish(
     shift_dir = Path(shift_dir)
     if not REPO_ID.fullmatch(repo_id):
         raise PublishError(f"--repo-id must be NAMESPACE/NAME, got {repo_id!r}")
-    local_files(shift_dir)  # one line if it is not a shift, before anything is written
+    check_shift(shift_dir)  # one line if it is not a shift, before the card is written
     write_card(shift_dir, repo_id)
-    files = local_files(shift_dir)
+    files = local_files(shift_dir)  # hashed once, card included
     from huggingface_hub import CommitOperationAdd, HfApi, get_token
 
     token = os.environ.get("HF_TOKEN") or get_token()

@@ -43,6 +43,7 @@ class ShiftFiles:
     manifest: dict
     labels: np.ndarray  # int32 per sample, index.parquet order
     embeddings: np.ndarray | None  # memory-mapped fp16, same order
+    _names: object = None  # key/shard/wnid columns, read on first use
 
     @classmethod
     def open(cls, folder: str | Path) -> ShiftFiles:
@@ -57,6 +58,15 @@ class ShiftFiles:
             if emb.shape[0] != len(labels):
                 raise NotAShift(f"{EMBEDDINGS} has {emb.shape[0]} rows, {INDEX} {len(labels)}")
         return cls(root, manifest, labels.astype(np.int32), emb)
+
+    def rows_of(self, rows: list[int]) -> list[dict]:
+        """key, shard and wnid of a few rows. index.parquet's string columns are read once
+        per report (contact sheet, thumbnails and pairs all ask), not once per use."""
+        if not rows:
+            return []
+        if self._names is None:
+            self._names = pq.read_table(self.root / INDEX, columns=["key", "shard", "wnid"])
+        return self._names.take(rows).to_pylist()
 
     def release(self) -> None:
         """Let the kernel take back the embedding pages read so far: memory-mapped pages count
@@ -240,10 +250,9 @@ def read_rows(shift: ShiftFiles, rows: set[int]) -> dict[int, bytes]:
     """Image bytes of a few rows: only the shards holding them are read."""
     if not rows:
         return {}
-    index = pq.read_table(shift.root / INDEX, columns=["shard", "key"])
     wanted: dict[str, dict[str, int]] = {}
-    for row in rows:
-        wanted.setdefault(index["shard"][row].as_py(), {})[index["key"][row].as_py()] = row
+    for row, names in zip(sorted(rows), shift.rows_of(sorted(rows)), strict=True):
+        wanted.setdefault(names["shard"], {})[names["key"]] = row
     out = {}
     for shard, keys in wanted.items():
         for key, files in iter_samples(shift.root / SHARDS_DIR / shard):
@@ -401,11 +410,11 @@ def _contact_rows(shift: ShiftFiles, options: ReportConfig) -> dict[str, list[in
     per_class = shift.manifest["per_class"]
     wnids = options.contact_classes or [c["wnid"] for c in per_class[:8]]
     label_of = {c["wnid"]: c["label"] for c in per_class}
-    keys = pq.read_table(shift.root / INDEX, columns=["key", "label"])
     out: dict[str, list[int]] = {}
     for wnid in wnids:
-        rows = np.flatnonzero(shift.labels == label_of.get(wnid, -1))
-        ranked = sorted(rows.tolist(), key=lambda r: keys["key"][r].as_py())
+        rows = np.flatnonzero(shift.labels == label_of.get(wnid, -1)).tolist()
+        keys = [n["key"] for n in shift.rows_of(rows)]
+        ranked = [r for _, r in sorted(zip(keys, rows, strict=True))]
         out[wnid] = ranked[: options.contact_per_class]
     return out
 
@@ -413,12 +422,11 @@ def _contact_rows(shift: ShiftFiles, options: ReportConfig) -> dict[str, list[in
 def _write_pairs(path: Path, shift: ShiftFiles, pairs: list[dict]) -> None:
     import pyarrow as pa
 
-    index = pq.read_table(shift.root / INDEX, columns=["key", "wnid", "shard"])
-    rows = [p["row"] for p in pairs]
+    names = shift.rows_of([p["row"] for p in pairs])
     table = pa.table({
-        "key": [index["key"][r].as_py() for r in rows],
-        "wnid": [index["wnid"][r].as_py() for r in rows],
-        "shard": [index["shard"][r].as_py() for r in rows],
+        "key": [n["key"] for n in names],
+        "wnid": [n["wnid"] for n in names],
+        "shard": [n["shard"] for n in names],
         "eval_set": [p["eval_set"] for p in pairs],
         "eval_file": [p["eval_file"] for p in pairs],
         "cosine": pa.array([p["cosine"] for p in pairs], pa.float64()),

@@ -139,6 +139,11 @@ def _table(head: list[str], rows: list[list]) -> str:
     return f"<table><tr>{th}</tr>{body}</table>"
 
 
+def _worst_table(label: str, key: str, rows: list[dict]) -> str:
+    """One of the report's 'classes at the far end of a measure' tables."""
+    return _table(["class", "wnid", label], [[w["name"], w["wnid"], w[key]] for w in rows])
+
+
 def _img(src: str, alt: str) -> str:
     return f'<img src="{escape(src)}" alt="{escape(alt)}">'
 
@@ -188,10 +193,7 @@ def index_html(metrics: dict, per_class: list[dict], classes: dict[int, dict], p
             _table(["mean", "median", "5th percentile"], [[s["mean"], s["median"], s["p05"]]]),
             _img(files["clipscore"], "CLIPScore distribution"),
             "<h3>Lowest classes</h3>",
-            _table(
-                ["class", "wnid", "CLIPScore"],
-                [[w["name"], w["wnid"], w["clipscore"]] for w in s["worst_classes"]],
-            ),  # fmt: skip
+            _worst_table("CLIPScore", "clipscore", s["worst_classes"]),
         ]
     if "diversity" in metrics:
         d = metrics["diversity"]
@@ -206,10 +208,7 @@ def index_html(metrics: dict, per_class: list[dict], classes: dict[int, dict], p
             ),
             _img(files["diversity"], "intra-class similarity per class"),
             "<h3>Least diverse classes</h3>",
-            _table(
-                ["class", "wnid", "intra-class cosine"],
-                [[w["name"], w["wnid"], w["intra_cosine"]] for w in d["least_diverse"]],
-            ),  # fmt: skip
+            _worst_table("intra-class cosine", "intra_cosine", d["least_diverse"]),
         ]
     if "reference" in metrics:
         r = metrics["reference"]
@@ -220,10 +219,7 @@ def index_html(metrics: dict, per_class: list[dict], classes: dict[int, dict], p
                 [[r["images"], r["cmmd"], r["mean_class_cmmd"], r["classes_compared"]]],
             ),  # fmt: skip
             "<h3>Farthest classes</h3>",
-            _table(
-                ["class", "wnid", "CMMD"],
-                [[w["name"], w["wnid"], w["cmmd"]] for w in r["farthest_classes"]],
-            ),  # fmt: skip
+            _worst_table("CMMD", "cmmd", r["farthest_classes"]),
         ]
     if "contamination" in metrics:
         t = metrics["contamination"]
