@@ -72,6 +72,10 @@ class SampleContext:
 
 
 def sample_metadata(ctx: SampleContext, row: dict, sha256: str, width: int, height: int) -> dict:
+    """A sample's JSON. Every key keeps one type across a shift, because loaders that infer a
+    schema from a shard's first samples (Hugging Face ``datasets`` reads five) type a field
+    that is null there as null and then fail on the first sample that has a value: text a
+    sample lacks is "" (index.parquet, typed, keeps the nulls)."""
     wnid, name = ctx.class_names[row["label"]]
     meta = {
         "key": row["key"],
@@ -83,36 +87,36 @@ def sample_metadata(ctx: SampleContext, row: dict, sha256: str, width: int, heig
         "source": {
             "dataset": row["source_dataset"],
             "id": row["source_id"],
-            "url": row["url"],
-            "caption": row["caption"],
-            "creator": row.get("creator"),
-            "landing_page": row.get("landing_page"),
+            "url": _text(row["url"]),
+            "caption": _text(row["caption"]),
+            "creator": _text(row.get("creator")),
+            "landing_page": _text(row.get("landing_page")),
         },
-        "query": {"kind": row["query_kind"], "value": row["query_value"]},
+        "query": {"kind": row["query_kind"], "value": _text(row["query_value"])},
         "score": row["score"],
         "model": json.loads(row["model"]),
         "seed": row["seed"],
-        "prompt": row["prompt"],
+        "prompt": _text(row["prompt"]),
         "sha256": sha256,
         "width": width,
         "height": height,
-        "license": row["license"],
+        "license": _text(row["license"]),
         "config_hash": ctx.config_hash,
         "version": __version__,
     }
     if row.get("generation"):  # only generated samples carry it: others' bytes stay as they were
-        meta["generation"] = _one_type_per_key(json.loads(row["generation"]))
+        meta["generation"] = _lists_as_text(json.loads(row["generation"]))
     return meta
 
 
-def _one_type_per_key(generation: dict) -> dict:
-    """Loaders that infer a schema from the first samples (Hugging Face ``datasets``) need one
-    type per key in every sample: a list of replaced tries, empty in most samples, would be
-    inferred as a list of nulls. In the sample, replaced tries are one string ("seed S: why;
-    ..."); index.parquet's ``generation`` keeps them as a list."""
-    replaced = generation.get("replaced") or []
-    text = "; ".join(f"seed {r['seed']}: {r['reason']}" for r in replaced)
-    return {**generation, "replaced": text}
+def _text(value: str | None) -> str:
+    return "" if value is None else value
+
+
+def _lists_as_text(record: dict) -> dict:
+    """A curator's free-form record with its lists as JSON text: a list empty in a shard's first
+    samples would be typed as a list of nulls (see sample_metadata)."""
+    return {k: dumps_canonical(v).decode() if isinstance(v, list) else v for k, v in record.items()}
 
 
 def write_shard(ctx: SampleContext, plan_file: Path, shard_path: Path, rows_path: Path) -> dict:

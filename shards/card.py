@@ -49,20 +49,20 @@ def _replaced_line(manifest: dict) -> str:
     return (
         f"Generated samples: {replaced['samples']} replaced an output that failed quality "
         f"control ({replaced['tries']} tries replaced; by check: {checks}); each sample's "
-        "`generation.replaced` lists the seeds it replaced and why."
+        "`generation.replaced` lists the seeds it replaced and why (JSON text)."
     )
 
 
 PROVENANCE = (
     ("key, label, wnid, class_name", "the sample's key (`<wnid>_<rank>`), ImageNet-1k index, WordNet id and class name"),
     ("shift, curator, config_hash, version", "which shift, curator, resolved config and imagenetpp version made it"),
-    ("source {dataset, id, url, caption}", "where the pixels came from"),
+    ("source {dataset, id, url, caption, creator, landing_page}", "where the pixels came from (\"\" where the source says nothing)"),
     ("query {kind, value}", "what found or made it: an exemplar image, a text, a lemma, a prompt, a label"),
     ("score", "the curator's confidence or similarity (comparable within one curator)"),
     ("model {name, weights}", "the model that scored or made it, weights by content hash"),
     ("seed, prompt, generation", "for generated samples: the seed, prompt and how it was made"),
     ("sha256, width, height", "of the stored JPEG bytes"),
-    ("license", "where the source states one"),
+    ("license", "where the source states one (otherwise \"\")"),
 )  # fmt: skip
 
 

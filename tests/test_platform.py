@@ -131,6 +131,17 @@ def test_scan_units_hold_many_classes(scan_source, tmp_path):
     assert manifest["skipped"]["count"] == 1
     assert run_cli("verify", str(shift)).returncode == 0
     assert "candidates: 2/2 units" in run_cli("status", str(shift), env=ENV).stdout
+    # Text that only some samples have: `datasets` types a shard from its first five samples.
+    import datasets
+    import webdataset as wds
+
+    shards = sorted(map(str, (shift / "shards").glob("*.tar")))
+    metas = [json.loads(s["json"]) for s in wds.WebDataset(shards, shardshuffle=False)]
+    assert not any(m["source"]["caption"] for m in metas[:5]) and any(m["source"]["caption"] for m in metas)  # fmt: skip
+    ds = datasets.load_dataset("webdataset", data_files={"train": shards}, split="train")
+    assert [(m["source"]["caption"], m["source"]["creator"], m["license"]) for m in ds["json"]] == [
+        (m["source"]["caption"], m["source"]["creator"], m["license"]) for m in metas
+    ]
 
 
 def test_a_failing_unit_is_recorded_and_the_rest_committed(scan_source, tmp_path):
