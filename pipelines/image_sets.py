@@ -4,6 +4,8 @@ perceptually hashed. Report measures against them; select can exclude them."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +56,15 @@ class EncodedSet:
 
 
 def encode_set(images: ImageSet, encoder, log: Callable[[str], None]) -> EncodedSet:
-    """CLIP embeddings (none without an encoder) and perceptual hashes of an image folder."""
+    """CLIP embeddings (none without an encoder) and perceptual hashes of an image folder.
+    Cached by the files' names, sizes and times and the model: an evaluation set as big as
+    ImageNet-val is embedded once, not on every report and curate that names it."""
+    what = f"{'embedded and ' if encoder else ''}hashed"
+    key = _cache_key(images, encoder)
+    cached = _load_cached(key, images)
+    if cached is not None:
+        log(f"{images.name}: {len(cached.rows)} images {what} ({cached.unreadable} unreadable; cached)")  # fmt: skip
+        return cached
     embs, rows, hashes, bad = [], [], [], 0
     batch: list = []
 
@@ -77,11 +87,50 @@ def encode_set(images: ImageSet, encoder, log: Callable[[str], None]) -> Encoded
         if len(batch) >= (encoder.batch_size if encoder is not None else 1):
             flush()
     flush()
-    log(
-        f"{images.name}: {len(rows)} images {'embedded and ' if encoder else ''}hashed ({bad} unreadable)"
-    )
+    log(f"{images.name}: {len(rows)} images {what} ({bad} unreadable)")
     emb = np.concatenate(embs) if embs else np.zeros((0, 0), np.float32)
-    return EncodedSet(images, emb, rows, np.stack(hashes) if hashes else np.zeros((0, 8), np.uint8), bad)  # fmt: skip
+    encoded = EncodedSet(images, emb, rows, np.stack(hashes) if hashes else np.zeros((0, 8), np.uint8), bad)  # fmt: skip
+    _store(key, encoded)
+    return encoded
+
+
+def _cache_file(key: str) -> Path:
+    from .demo_world import cache_dir
+
+    return cache_dir() / "image-sets" / f"{key}.npz"
+
+
+def _cache_key(images: ImageSet, encoder) -> str:
+    """Changes when any file is added, removed or rewritten, or the model, device or batch
+    size changes (select's exclusions must come out the same as when computed afresh)."""
+    files = []
+    for path in images.files:
+        st = path.stat()
+        files.append((str(path.relative_to(images.root)), st.st_size, st.st_mtime_ns))
+    model = None
+    if encoder is not None:
+        model = [encoder.description, str(encoder.device), encoder.batch_size]
+    text = json.dumps({"v": 1, "root": str(images.root.resolve()), "model": model, "files": files})
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _load_cached(key: str, images: ImageSet) -> EncodedSet | None:
+    try:
+        with np.load(_cache_file(key)) as z:
+            return EncodedSet(images, z["embeddings"], z["rows"].tolist(), z["hashes"], int(z["unreadable"]))  # fmt: skip
+    except (OSError, KeyError, ValueError):  # absent or damaged: computed again
+        return None
+
+
+def _store(key: str, encoded: EncodedSet) -> None:
+    from shards.atomic import atomic_path
+
+    try:
+        with atomic_path(_cache_file(key)) as tmp, open(tmp, "wb") as f:
+            np.savez(f, embeddings=encoded.embeddings, rows=np.asarray(encoded.rows, np.int64),
+                     hashes=encoded.hashes, unreadable=encoded.unreadable)  # fmt: skip
+    except OSError:  # a read-only cache costs the next run the time, nothing else
+        pass
 
 
 def exclusion_embeddings(folders: list[str], clip: tuple[str, str | None], device: str,

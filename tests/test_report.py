@@ -220,6 +220,34 @@ def test_compare_puts_shifts_side_by_side(planted, demo_shift, tmp_path):
         assert f'href="{rel}"' in html and (tmp_path / rel).resolve().is_file()
 
 
+def test_image_sets_are_embedded_once_and_again_when_they_change(planted, tmp_path):
+    """A second report takes the reference and eval-set embeddings from the cache and finds
+    the same; a set it has not seen is embedded."""
+    shift, planted_keys, first = planted
+    again = tmp_path / "shift"
+    shutil.copytree(shift, again)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    for p in sorted((world_dir() / "evalset").rglob("ILSVRC_val_002.JPEG"))[:3]:
+        shutil.copy(p, fresh / f"{p.parent.name}.JPEG")
+    proc = run_cli(
+        "report", str(again), "--eval-set", str(shift.parent / "eval"), "--eval-set", str(fresh),
+        "--reference", str(world_dir() / "exemplars"), "--contamination-cosine", "0.99",
+        "--phash-max-distance", "2", check=True,
+    )  # fmt: skip
+    said = [line for line in proc.stdout.splitlines() if "images embedded and hashed" in line]
+    assert len(said) == 3 and sum(line.endswith("; cached)") for line in said) == 2, said
+    assert any(line.startswith("report: fresh:") and "cached" not in line for line in said)
+
+    def pairs(d: Path) -> list:
+        rows = pq.read_table(d / "report" / "contamination.parquet").to_pylist()
+        return sorted((p["key"], p["eval_file"], p["cosine"]) for p in rows if p["eval_set"] == "eval")  # fmt: skip
+
+    assert pairs(again) == pairs(shift) and {k for k, _, _ in pairs(again)} >= set(planted_keys)
+    ref = [json.loads((d / "report" / "metrics.json").read_text())["reference"] for d in (shift, again)]  # fmt: skip
+    assert ref[0] == ref[1]
+
+
 def test_report_mistakes_are_one_line(planted, tmp_path):
     shift, _, _ = planted
     one_line_error(run_cli("report", str(tmp_path)), "not a finished shift folder")
