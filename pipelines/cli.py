@@ -97,7 +97,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .curate import curate
     from .demo_world import DEMO_POOL_HOST, ensure_demo_world, serve_pool
     from .errors import ConfigError
-    from .executor import check_ray_address
+    from .executor import check_ray_address, make_executor
     from .finalize import summary_table
     from .report import compare_html, compare_table, load_metrics
     from .workdir import check_output
@@ -116,13 +116,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
         check_ray_address(configs[0].run.ray_address)
     manifests = []
     with serve_pool(ensure_demo_world()) as address:
-        for name in names:
-            config = load_config(name, _overrides(args))
-            config.run.resolve = {DEMO_POOL_HOST: address}  # how to reach it: not hashed
-            print(f"== {config.shift} ({name}.yaml)", flush=True)
-            manifests.append(curate(config, out))
-            print(summary_table(manifests[-1]))
-            print(f"shards: {out / config.shift / 'shards'}\n", flush=True)
+        run = configs[0].run  # the same for every demo shift: one Ray serves them all
+        executor = make_executor(run.executor, run.ray_address, run.workers, run.progress)
+        try:
+            for name in names:
+                config = load_config(name, _overrides(args))
+                config.run.resolve = {DEMO_POOL_HOST: address}  # how to reach it: not hashed
+                print(f"== {config.shift} ({name}.yaml)", flush=True)
+                manifests.append(curate(config, out, executor))
+                print(summary_table(manifests[-1]))
+                print(f"shards: {out / config.shift / 'shards'}\n", flush=True)
+        finally:
+            executor.shutdown()
     reported = [(out / m["shift"] / "report" / "metrics.json").is_file() for m in manifests]
     metrics = [load_metrics(out / m["shift"]) if r else None for m, r in zip(manifests, reported, strict=True)]  # fmt: skip
     print(compare_table(manifests, metrics))

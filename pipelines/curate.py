@@ -19,7 +19,7 @@ from shards.manifest import MANIFEST
 from .candidates import plan_units
 from .config import ShiftConfig, parse_config
 from .errors import ConfigError, UserError
-from .executor import make_executor
+from .executor import Executor, make_executor
 from .finalize import finalize
 from .stages import STAGES, Run, embed_model, failed_path, run_stage, shift_clip, stage_progress
 from .workdir import RunLock, WorkDir, lock_holder
@@ -32,9 +32,12 @@ def resolve_classes(config: ShiftConfig) -> list[ImageNetClass]:
         raise ConfigError(f"config key 'classes.wnids': unknown wnid {e.args[0]!r}") from None
 
 
-def curate(config: ShiftConfig, out: str | Path | None = None) -> dict:
+def curate(
+    config: ShiftConfig, out: str | Path | None = None, executor: Executor | None = None
+) -> dict:
     """Run (or resume) a shift; returns its manifest. Raises UnitsFailed when units of a stage
-    failed (the others are committed; a re-run retries the failed ones)."""
+    failed (the others are committed; a re-run retries the failed ones). ``executor``: one
+    that outlives this shift (the demo runs five on one Ray); by default one of its own."""
     shift_dir = Path(out or config.run.out) / config.shift
     classes = resolve_classes(config)
     curator = create_curator(config.curator.name, config.curator.params)
@@ -51,10 +54,14 @@ def curate(config: ShiftConfig, out: str | Path | None = None) -> dict:
             {"started": started, "host": socket.gethostname(), "pid": os.getpid(),
              "executor": config.run.executor}
         )  # fmt: skip
-        executor = make_executor(
-            config.run.executor, config.run.ray_address, config.run.workers,
-            config.run.progress, guard=lock.guard(),
-        )  # fmt: skip
+        own = executor is None
+        if executor is None:
+            executor = make_executor(
+                config.run.executor, config.run.ray_address, config.run.workers,
+                config.run.progress, guard=lock.guard(),
+            )  # fmt: skip
+        else:
+            executor.set_guard(lock.guard())  # workers that commit check this shift's lock
         run = Run(config, classes, work, units, node_cpus=executor.node_cpus)
         run.curator = curator  # one instance in the driver
         stages: dict[str, dict] = {}
@@ -73,7 +80,10 @@ def curate(config: ShiftConfig, out: str | Path | None = None) -> dict:
             }
             manifest = finalize(shift_dir, work, config, classes, facts, embed_model(run))
         finally:
-            executor.shutdown()
+            if own:
+                executor.shutdown()
+            else:
+                executor.set_guard(None)
         if config.report.after_curate and manifest["total_samples"]:
             write_shift_report(shift_dir, config)
         return manifest

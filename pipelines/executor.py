@@ -421,13 +421,16 @@ def _unwrap(ray: Any, ref: Any, bar: Progress) -> dict:
     return result
 
 
+Executor = LocalExecutor | RayExecutor  # where units run; stages use either alike
+
+
 def make_executor(
     kind: str,
     address: str | None,
     workers: int | None,
     progress: bool,
     guard: Callable[[], None] | None = None,
-) -> LocalExecutor | RayExecutor:
+) -> Executor:
     """``guard`` runs in workers before each commit (see shards.atomic): refuses once the
     driver's run is gone. The local executor needs none: its worker is the driver."""
     if kind == "local":
