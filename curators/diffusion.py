@@ -198,7 +198,7 @@ class DiffusionCurator:
         cls = unit_class(unit)
         first, count = unit.params["first"], unit.params["count"]
         indices = range(first, first + count)
-        exemplars = self._exemplars(cls, indices) if p.mode == "img2img" else {}
+        exemplars, unreadable = self._exemplars(cls, indices) if p.mode == "img2img" else ({}, [])
         model = self.model  # hashed once per worker, before the first image
         settings = self._settings()
 
@@ -226,7 +226,7 @@ class DiffusionCurator:
                     why = ", ".join(f"{k} x{n}" for k, n in sorted(checks.items()))
                     failed.append(Rejected(cls.index, f"{cls.wnid}/{t.index:05d}", f"quality control: all {p.max_attempts} tries failed ({why})"))  # fmt: skip
             pending = retry + pending  # replacements first: a unit's order never depends on timing
-        return iter([*sorted(done, key=lambda c: c.generation["index"]), *failed])
+        return iter([*sorted(done, key=lambda c: c.generation["index"]), *failed, *unreadable])
 
     def _settings(self) -> dict[str, Any]:
         p = self.params
@@ -238,25 +238,41 @@ class DiffusionCurator:
             out["strength"] = p.strength
         return out
 
-    def _exemplars(self, cls: ImageNetClass, indices: range) -> dict[int, tuple[str, Any]]:
+    def _exemplars(
+        self, cls: ImageNetClass, indices: range
+    ) -> tuple[dict[int, tuple[str, Any]], list[Rejected]]:
         """Sample index -> (key "<wnid>/<file>", RGB image at size x size, centre-cropped):
-        sample i starts from exemplar i mod n (by file name). Only this unit's are loaded."""
+        sample i starts from exemplar i mod n (by file name), or, when that one is unreadable,
+        from the next readable one; unreadable ones come back as Rejected, to be recorded.
+        Only this unit's are loaded."""
         from PIL import Image, ImageOps
 
         files = exemplar_files(self.params.exemplars, cls.wnid, 1 << 30)
         if not files:
             raise SourceUnreadable(f"no exemplar images for {cls.wnid} in {self.params.exemplars}")  # fmt: skip
         size = (self.params.size, self.params.size)
-        loaded: dict[int, tuple[str, Any]] = {}
-        for j in sorted({i % len(files) for i in indices}):
-            path = files[j]
-            try:
-                with Image.open(path) as img:
-                    img = ImageOps.exif_transpose(img).convert("RGB")
-                    loaded[j] = (f"{cls.wnid}/{path.name}", ImageOps.fit(img, size, Image.Resampling.BICUBIC))  # fmt: skip
-            except Exception as e:  # noqa: BLE001  PIL raises many types for a bad file
-                raise SourceUnreadable(f"exemplar {cls.wnid}/{path.name} is unreadable ({type(e).__name__})") from None  # fmt: skip
-        return {i: loaded[i % len(files)] for i in indices}
+        loaded: dict[int, tuple[str, Any] | None] = {}  # None: unreadable
+        rejected: list[Rejected] = []
+
+        def load(j: int) -> tuple[str, Any] | None:
+            if j not in loaded:
+                path = files[j]
+                try:
+                    with Image.open(path) as img:
+                        img = ImageOps.exif_transpose(img).convert("RGB")
+                        loaded[j] = (f"{cls.wnid}/{path.name}", ImageOps.fit(img, size, Image.Resampling.BICUBIC))  # fmt: skip
+                except Exception as e:  # noqa: BLE001  PIL raises many types for a bad file
+                    loaded[j] = None
+                    rejected.append(Rejected(cls.index, f"exemplar {cls.wnid}/{path.name}", f"unreadable exemplar: {type(e).__name__}"))  # fmt: skip
+            return loaded[j]
+
+        def start(i: int) -> tuple[str, Any]:
+            for step in range(len(files)):
+                if (found := load((i + step) % len(files))) is not None:
+                    return found
+            raise SourceUnreadable(f"no readable exemplar images for {cls.wnid} in {self.params.exemplars}")  # fmt: skip
+
+        return {i: start(i) for i in indices}, rejected
 
     def _make(self, cls: ImageNetClass, batch: list[_Try], exemplars: dict) -> list:
         """One pipeline call for a batch of tries: (try, image, flagged, clip sim, embedding)."""

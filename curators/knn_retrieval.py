@@ -16,6 +16,7 @@ import numpy as np
 
 from .base import (
     Candidate,
+    Rejected,
     ResourceError,
     Resources,
     Unit,
@@ -146,19 +147,21 @@ class ClipKnnCurator:
     def model(self) -> dict[str, str | None]:
         return self.encoder.description
 
-    def _image_queries(self, cls: ImageNetClass) -> tuple[np.ndarray, list[str]]:
+    def _image_queries(self, cls: ImageNetClass) -> tuple[np.ndarray, list[str], list[Rejected]]:
         from shards.images import BadImage, decode
 
-        images, names = [], []
+        images, names, unreadable = [], [], []
         for path in exemplar_files(
             self.params.exemplars, cls.wnid, self.params.exemplars_per_class
         ):
             try:
                 images.append(decode(path.read_bytes()))
-            except BadImage:
-                continue  # an unreadable exemplar only weakens the query set
+            except BadImage as e:  # only weakens the query set: recorded, the class goes on
+                why = f"unreadable exemplar: {' '.join(str(e).split())[:200]}"
+                unreadable.append(Rejected(cls.index, f"exemplar {cls.wnid}/{path.name}", why))
+                continue
             names.append(path.name)
-        return self.encoder.encode_images(images), names
+        return self.encoder.encode_images(images), names, unreadable
 
     def _text_queries(self, cls: ImageNetClass) -> tuple[np.ndarray, list[str]]:
         if self.params.templates == "openai":
@@ -171,14 +174,16 @@ class ClipKnnCurator:
         mean /= max(float(np.linalg.norm(mean)), 1e-12)
         return mean, [f"{self.params.templates} templates: {cls.name}"]
 
-    def candidates(self, unit: Unit) -> list[Candidate]:
+    def candidates(self, unit: Unit) -> list[Candidate | Rejected]:
         cls = unit_class(unit)
         p = self.params
-        queries, labels = (
-            self._image_queries(cls) if p.queries == "image" else self._text_queries(cls)
-        )
+        unreadable: list[Rejected] = []
+        if p.queries == "image":
+            queries, labels, unreadable = self._image_queries(cls)
+        else:
+            queries, labels = self._text_queries(cls)
         if len(labels) == 0:
-            return []
+            return list(unreadable)
         k = p.k_per_query if p.queries == "image" else p.max_candidates
         sims, ids = self.index.search(queries, k)
         # Best similarity per pool row over all queries, remembering which query gave it.
@@ -196,7 +201,7 @@ class ClipKnnCurator:
         # A URL index without img_emb parts: the embed stage embeds what acquire fetched.
         emb = self.index.embeddings(rows) if self.index.has_embeddings else [None] * len(rows)
         groups = self.index.dup_groups
-        out = []
+        out: list[Candidate | Rejected] = list(unreadable)
         for (row, (score, q)), m, e in zip(ranked, meta, emb, strict=True):
             if m["shard"] is None:
                 locator = {"kind": "url", "url": m["url"]}

@@ -4,9 +4,11 @@ black outputs replaced and recorded, the CLIP filter, img2img provenance, bad in
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -180,7 +182,7 @@ def test_clip_filter_keeps_only_images_close_to_their_prompt(demo_world):
     assert curator.embedding_model() == (clip["clip_model"], clip["clip_pretrained"])
 
 
-def test_img2img_provenance_names_an_existing_exemplar(demo_world):
+def test_img2img_provenance_names_an_existing_exemplar(demo_world, tmp_path):
     config = load_config(REPO / "configs" / "demo_sd_img2img.yaml")
     params = config.curator.params
     params.images_per_class, params.unit_size = 6, 6
@@ -195,6 +197,16 @@ def test_img2img_provenance_names_an_existing_exemplar(demo_world):
     # Sample i starts from exemplar i mod n, by file name.
     files = sorted(p.name for p in (exemplars / GOLDFISH.wnid).iterdir())
     assert [c.generation["exemplar"] for c in cands] == [f"{GOLDFISH.wnid}/{files[i]}" for i in range(6)]  # fmt: skip
+    # An unreadable exemplar is recorded and its samples start from the next one: none lost.
+    shutil.copytree(exemplars / GOLDFISH.wnid, tmp_path / GOLDFISH.wnid)
+    (tmp_path / GOLDFISH.wnid / files[1]).write_bytes(b"not a jpeg")
+    curator = DiffusionCurator(dataclasses.replace(params, exemplars=str(tmp_path)))
+    items = list(curator.candidates(curator.units([GOLDFISH])[0]))
+    made = [c for c in items if not isinstance(c, Rejected)]
+    assert [c.generation["exemplar"] for c in made] == [f"{GOLDFISH.wnid}/{files[i]}" for i in (0, 2, 2, 3, 4, 5)]  # fmt: skip
+    assert [(r.source_id, r.reason) for r in items if isinstance(r, Rejected)] == [
+        (f"exemplar {GOLDFISH.wnid}/{files[1]}", "unreadable exemplar: UnidentifiedImageError")
+    ]
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -98,13 +99,20 @@ def write_config(path, index, exemplars, **extra):
 
 
 def test_empty_class_is_a_shortfall_not_a_crash(small_index, demo_world, tmp_path):
-    config = write_config(tmp_path / "c.yaml", small_index, demo_world / "exemplars")
+    # One of goldfish's exemplar queries does not decode: recorded, the other four query.
+    exemplars = tmp_path / "exemplars"
+    shutil.copytree(demo_world / "exemplars", exemplars)
+    bad = sorted((exemplars / GOLDFISH).iterdir())[0]
+    bad.write_bytes(b"not a jpeg")
+    config = write_config(tmp_path / "c.yaml", small_index, exemplars)
     proc = run_cli("curate", str(config), "--out", str(tmp_path / "out"), "--executor", "local", "--no-progress")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((tmp_path / "out" / "small" / "manifest.json").read_text())
     short = {s["wnid"]: s for s in manifest["shortfalls"]}
     assert short[TENCH]["kept"] == 0 and short[TENCH]["reason"] == "the curator found no candidates"
     assert manifest["class_counts"][GOLDFISH] == manifest["class_counts"][ZEBRA] == 15
+    assert manifest["rejected"]["count"] == 1
+    assert manifest["rejected"]["by_reason"] == {"unreadable exemplar": 1}
     assert "tench" in proc.stdout  # the printed summary names it
 
 
