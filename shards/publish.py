@@ -195,13 +195,13 @@ def with_retries(
 ) -> object:  # fmt: skip
     """call(), again after 429, 5xx or a dropped connection (exponential backoff, honouring
     Retry-After); 401/403 and other 4xx stop at once."""
-    import requests
+    import httpx2  # huggingface_hub's HTTP client
     from huggingface_hub.errors import HfHubHTTPError
 
     for attempt in range(1, policy.attempts + 1):
         try:
             return call()
-        except (HfHubHTTPError, requests.ConnectionError, requests.Timeout) as e:
+        except (HfHubHTTPError, httpx2.TransportError) as e:
             status = _status(e)
             if status in (401, 403):
                 why = _server_message(e) or "the token cannot write there"
@@ -219,6 +219,22 @@ def with_retries(
             log(f"publish: {what}: {status or type(e).__name__}, retrying in {wait:.0f} s")
             sleep(wait)
     raise AssertionError("unreachable")
+
+
+def check_endpoint(endpoint: str, timeout: float = 5.0) -> None:
+    """Refuse an unreachable Hub at once (huggingface_hub would retry it for half a minute,
+    then print a traceback). Skipped behind a proxy, where only the proxy is dialled."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):  # fmt: skip
+        return
+    url = urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=timeout).close()
+    except OSError as e:
+        raise PublishError(f"cannot reach the Hub at {endpoint} (HF_ENDPOINT): {e.strerror or e}") from None  # fmt: skip
 
 
 def publish(
@@ -239,11 +255,12 @@ def publish(
     check_shift(shift_dir)  # one line if it is not a shift, before the card is written
     write_card(shift_dir, repo_id)
     files = local_files(shift_dir)  # hashed once, card included
-    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+    from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
 
     token = os.environ.get("HF_TOKEN") or get_token()
     if not token and not dry_run:
         raise PublishError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
+    check_endpoint(constants.ENDPOINT)
     api = HfApi(token=token or False)
     branch = revision or "main"
     remote = with_retries(lambda: remote_tree(api, repo_id, branch), "listing the repo", retry, log)  # fmt: skip

@@ -39,6 +39,7 @@ KINDS = tuple("create validate whoami info tree refs preupload commit branch res
 # The Hub's default .gitattributes sends these to LFS; any file over 10 MB goes there too.
 LFS_SUFFIXES = (".tar", ".parquet", ".npy", ".png", ".jpg", ".jpeg", ".arrow", ".bin", ".zip")
 LFS_MIN_SIZE = 10 * 1024 * 1024
+DROP = 0  # fail_next(kind, DROP): close the connection instead of answering
 GITATTRIBUTES = b"".join(
     b"*%s filter=lfs diff=lfs merge=lfs -text\n" % s.encode() for s in LFS_SUFFIXES
 )
@@ -137,6 +138,9 @@ class _Handler(BaseHTTPRequestHandler):
             body = gzip.decompress(body)
         req = Request(self.command, url.path, dict(parse_qsl(url.query)), self.headers, body)
         status, headers, out = self.hub._answer(req)
+        if status == DROP:  # the connection goes without an answer, as a dying proxy's would
+            self.close_connection = True
+            return
         self.send_response(status)
         headers.setdefault("Content-Length", str(len(out)))
         for key, value in headers.items():
@@ -188,7 +192,8 @@ class HubServer:
     # -- for tests ---------------------------------------------------------------------------
 
     def fail_next(self, kind: str, status: int, times: int = 1) -> None:
-        """The next `times` requests of `kind` (one of KINDS, or "any") answer `status`."""
+        """The next `times` requests of `kind` (one of KINDS, or "any") answer `status`
+        (DROP: the connection is closed with no answer)."""
         if kind not in (*KINDS, "any"):
             raise ValueError(f"unknown kind {kind!r}: one of {KINDS} or 'any'")
         with self._lock:
@@ -221,18 +226,20 @@ class HubServer:
             if req.auth:
                 self.tokens_seen.add(req.auth)
             try:
-                self._gate(req)
-                return getattr(self, f"_on_{req.kind}")(req)
+                return self._gate(req) or getattr(self, f"_on_{req.kind}")(req)
             except HubError as err:
                 return err.answer()
 
-    def _gate(self, req: Request) -> None:
-        """Injected faults first (as a front-end rate limiter would), then forbid, then the token."""
+    def _gate(self, req: Request) -> Answer | None:
+        """Injected faults first (as a front-end rate limiter would), then forbid, then the
+        token; an answer only for a dropped connection, errors are raised."""
         for fault in self._faults:
             if fault[0] in (req.kind, "any"):
                 fault[2] -= 1
                 if fault[2] <= 0:
                     self._faults.remove(fault)
+                if fault[1] == DROP:
+                    return DROP, {}, b""
                 raise HubError(fault[1], f"{HTTPStatus(fault[1]).phrase} (HubServer.fail_next)")
         if self.forbid:
             payload = json.loads(req.body or b"{}") if req.kind == "create" else {}
@@ -243,6 +250,7 @@ class HubServer:
             raise HubError(403, message)
         if self.required_token and req.auth != f"Bearer {self.required_token}":
             raise HubError(401, "Invalid credentials in Authorization header")
+        return None
 
     def _repo(self, req: Request) -> Repo:
         repo = self.repos.get((req.route["type"], req.route["repo"]))

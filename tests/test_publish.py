@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from shards.publish import FOLDER_LIMIT, Upload, commit_batches, shard_paths, sh
 from shards.reader import iter_samples
 
 from .conftest import CLI, REPO, one_line_error
-from .hub_server import HubServer
+from .hub_server import DROP, HubServer
 
 TOKEN = "hf_loopback_secret_7f3a"
 REPO_ID = "imagenetpp-tests/demo-knn-img"
@@ -150,9 +151,11 @@ def test_a_refusal_ends_with_one_line(hub, shift):
 def test_rate_limit_and_server_errors_are_retried(hub, shift):
     hub.fail_next("commit", 429, times=2)
     hub.fail_next("create", 503)
+    hub.fail_next("commit", DROP)  # a connection dropped with no answer: retried too
     proc = run_publish(hub, shift)
     assert proc.returncode == 0, proc.stderr
     assert "429, retrying" in proc.stdout and "503, retrying" in proc.stdout
+    assert "RemoteProtocolError, retrying" in proc.stdout
     assert {k: v for k, v in hub.files(REPO_ID).items() if k != ".gitattributes"} == expected_files(shift)  # fmt: skip
 
 
@@ -183,6 +186,12 @@ def test_publish_mistakes_are_one_line(hub, shift, tmp_path):
     missing = subprocess.run([CLI, "publish", str(tmp_path / "nope"), "--repo-id", REPO_ID], capture_output=True, text=True, env=env)  # fmt: skip
     one_line_error(missing, "not a finished shift folder")
     assert not hub.requests
+    # A Hub that cannot be reached answers at once, not after half a minute of retries.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        nowhere = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        gone = subprocess.run([CLI, "publish", str(shift), "--repo-id", REPO_ID], capture_output=True, text=True, env={**env, "HF_ENDPOINT": nowhere})  # fmt: skip
+    one_line_error(gone, "cannot reach the Hub", nowhere)
 
 
 def test_large_shifts_keep_folders_under_the_hub_limit():
