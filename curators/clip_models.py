@@ -64,11 +64,21 @@ def resolve_model_name(name: str) -> str:
 
 
 def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
+    """auto: the GPU when torch sees one. A device asked for by name must exist here: torch
+    would otherwise fail deep inside model loading with a driver message."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        asked = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ResourceError(f"device {device!r} is not a torch device (cpu, cuda, cuda:N, mps, auto)") from None  # fmt: skip
+    if asked.type == "cuda":
+        seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if seen == 0 or (asked.index or 0) >= seen:
+            raise ResourceError(f"device {device!r}: torch sees {seen} CUDA GPU(s) here (use cpu or auto)")  # fmt: skip
+    return device
 
 
 def looks_like_path(pretrained: str | None) -> bool:

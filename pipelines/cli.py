@@ -48,6 +48,14 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}{'es' if word.endswith('s') else 's'}"
 
 
+def _at_least_one(args: argparse.Namespace, *names: str) -> None:
+    """Counts a user gives on the command line (None: not given, the default applies)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
 def _overrides(args: argparse.Namespace) -> list[str]:
     sets = list(args.set or [])
     if args.ray_address:
@@ -167,6 +175,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
     if not 0.0 < args.dedup_cosine <= 1.0:
         raise UserError(f"--dedup-cosine must lie in (0, 1], got {args.dedup_cosine}")
+    _at_least_one(args, "batch_size", "workers")
     # Pool, weights (cache, hub) and factory are checked before Ray or any model starts.
     plan = plan_index(args.pool, args.model, args.pretrained, args.factory, args.pool_name)
     kind = args.executor
@@ -233,9 +242,11 @@ def cmd_download(args: argparse.Namespace) -> int:
     bad = next((n for n in args.allow_network or [] if not _is_network(n)), None)
     if bad is not None:
         raise UserError(f"--allow-network {bad!r} is not a CIDR network, e.g. 127.0.0.1/32")
-    for name in ("shard_size", "threads", "per_host", "image_size", "max_bytes_mb"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    _at_least_one(args, "shard_size", "threads", "per_host", "image_size", "max_bytes_mb")
+    if not args.timeout > 0:
+        raise UserError(f"--timeout must be more than 0 seconds, got {args.timeout}")
+    if args.retries < 0:
+        raise UserError(f"--retries must be 0 or more, got {args.retries}")
     if not 1 <= args.jpeg_quality <= 100:
         raise UserError("--jpeg-quality must lie in 1..100")
     if args.processes < 0:
@@ -278,6 +289,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise UserError(f"--contamination-cosine must lie in (0, 1], got {args.contamination_cosine}")  # fmt: skip
     if args.phash_max_distance is not None and not 0 <= args.phash_max_distance <= 64:
         raise UserError(f"--phash-max-distance must lie in 0..64, got {args.phash_max_distance}")
+    _at_least_one(args, "batch_size")
     shift = ShiftFiles.open(args.shift_dir)  # one line if it is not a shift
     options = report_options(
         shift.manifest, reference=args.reference, eval_sets=args.eval_set,
@@ -337,8 +349,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_publish(args: argparse.Namespace) -> int:
     from shards.publish import PublishError, publish
 
-    if args.files_per_commit < 1:
-        raise UserError("--files-per-commit must be at least 1")
+    _at_least_one(args, "files_per_commit")
     try:
         plan = publish(
             args.shift_dir, args.repo_id, private=args.private, revision=args.revision,

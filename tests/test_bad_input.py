@@ -239,6 +239,7 @@ def test_index_mistakes(tmp_path, demo_world):
     pool = str(demo_world / "pool")
     one_line_error(run_cli("index", str(tmp_path / "nopool"), "--out", out, *base), "nopool")
     one_line_error(run_cli("index", pool, "--out", out, *base, "--dedup-cosine", "0"), "--dedup-cosine")  # fmt: skip
+    one_line_error(run_cli("index", pool, "--out", out, *base, "--batch-size", "0"), "--batch-size")  # fmt: skip
     one_line_error(run_cli("index", pool, "--out", out, *base, "--model", "ViT-Nope"), "ViT-Nope")
     one_line_error(run_cli("index", pool, "--out", out, "--model", "imagenetpp-tiny", "--pretrained", str(tmp_path / "w.pt")), "w.pt")  # fmt: skip
     one_line_error(run_cli("index", pool, "--out", out, "--model", "imagenetpp-tiny", "--pretrained", ""), "--pretrained")  # fmt: skip

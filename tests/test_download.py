@@ -223,6 +223,9 @@ def test_download_bad_input_is_one_line(tmp_path):
     (tmp_path / "l.jsonl").write_text('{"url": "http://x/1.jpg"}\nnot json\n')
     one_line_error(run_cli("download", str(tmp_path / "l.jsonl"), "--out", str(tmp_path / "p2"), "--no-progress"), "l.jsonl:2")  # fmt: skip
     one_line_error(run_cli("download", str(tmp_path / "l.parquet"), "--out", str(tmp_path / "p"), "--allow-network", "localhost"), "--allow-network")  # fmt: skip
+    for flag, value in (("--timeout", "0"), ("--retries", "-1"), ("--threads", "0")):
+        one_line_error(run_cli("download", str(tmp_path / "l.parquet"), "--out", str(tmp_path / "p3"), flag, value), flag)  # fmt: skip
+    assert not (tmp_path / "p3").exists()
 
 
 def test_malformed_urls_are_rows_not_crashes():

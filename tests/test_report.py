@@ -256,6 +256,9 @@ def test_report_mistakes_are_one_line(planted, tmp_path):
     one_line_error(run_cli("report", str(shift), "--reference", str(tmp_path / "empty")), "no images")  # fmt: skip
     one_line_error(run_cli("report", str(shift), "--contact-classes", "n09999999"), "n09999999")
     one_line_error(run_cli("report", str(shift), "--contamination-cosine", "2"), "--contamination-cosine")  # fmt: skip
+    one_line_error(run_cli("report", str(shift), "--batch-size", "0"), "--batch-size")
+    one_line_error(run_cli("report", str(shift), "--device", "tpu"), "'tpu'", "not a torch device")
+    one_line_error(run_cli("report", str(shift), "--device", "cuda:99"), "'cuda:99'", "CUDA GPU")
     one_line_error(run_cli("compare", str(tmp_path)), "not a finished shift folder")
 
 
