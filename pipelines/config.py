@@ -57,6 +57,9 @@ class SelectConfig:
     # stays held out. Hashed as written (a `demo:` name, or the folder's path).
     exclude: list[str] = field(default_factory=list)
     exclude_cosine: float = 0.95
+    # ... or whose 64-bit perceptual hash differs from one's in at most this many bits (as
+    # report's phash_max_distance; null: off). Hashes the candidates a class would keep.
+    exclude_phash_distance: int | None = 4
 
 
 @dataclass
@@ -166,6 +169,10 @@ CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "classes.first": (lambda v: 1 <= v <= 1000, "must lie in 1..1000"),
     "select.near_duplicate_cosine": (lambda v: 0.0 < v <= 1.0, "must lie in (0, 1]"),
     "select.exclude_cosine": (lambda v: 0.0 < v <= 1.0, "must lie in (0, 1]"),
+    "select.exclude_phash_distance": (
+        lambda v: v is None or 0 <= v <= 64,
+        "must lie in 0..64 (or null: off)",
+    ),
     "report.contact_per_class": (lambda v: 1 <= v <= 32, "must lie in 1..32"),
     "report.prompt": (
         lambda v: _is_template(v, {"name", "wnid"}),

@@ -133,12 +133,13 @@ def _store(key: str, encoded: EncodedSet) -> None:
         pass
 
 
-def exclusion_embeddings(folders: list[str], clip: tuple[str, str | None], device: str,
-                         batch_size: int, log: Callable[[str], None]) -> np.ndarray:  # fmt: skip
-    """The CLIP embeddings of every image in the given evaluation sets, for select to keep
-    their near-duplicates out of a shift."""
+def exclusion_sets(folders: list[str], clip: tuple[str, str | None], device: str,
+                   batch_size: int, log: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """The CLIP embeddings and perceptual hashes of every image in the given evaluation sets,
+    for select to keep their near-duplicates out of a shift."""
     from curators.clip_models import ClipEncoder
 
     sets = [ImageSet.open(f, "select.exclude") for f in folders]
     encoder = ClipEncoder(clip[0], clip[1], device, batch_size)
-    return np.concatenate([encode_set(s, encoder, log).embeddings for s in sets])
+    encoded = [encode_set(s, encoder, log) for s in sets]
+    return np.concatenate([e.embeddings for e in encoded]), np.concatenate([e.hashes for e in encoded])  # fmt: skip

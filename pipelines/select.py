@@ -209,24 +209,55 @@ def _take(table: pa.Table, rows: np.ndarray, emb: np.ndarray | None) -> pa.Table
 
 @dataclass(frozen=True)
 class Exclusion:
-    """Evaluation-set images no candidate may near-duplicate (config select.exclude)."""
+    """Evaluation-set images no candidate may near-duplicate (config select.exclude): by CLIP
+    cosine, and by perceptual hash, the two tests report's contamination check makes."""
 
     index: object  # faiss.IndexFlatIP over their normalised CLIP embeddings
     cosine: float
+    hashes: object = None  # faiss.IndexBinaryFlat over their perceptual hashes; None: off
+    phash_distance: int = 0
+    work_root: Path | None = None  # blob locators are relative to it
 
     @classmethod
-    def of(cls, embeddings: np.ndarray, cosine: float) -> Exclusion:
+    def of(
+        cls, embeddings: np.ndarray, cosine: float, hashes: np.ndarray | None = None,
+        phash_distance: int | None = None, work_root: Path | None = None,
+    ) -> Exclusion:  # fmt: skip
         import faiss
 
         index = faiss.IndexFlatIP(embeddings.shape[1])
         index.add(np.ascontiguousarray(embeddings, np.float32))
-        return cls(index, cosine)
+        binary = None
+        if phash_distance is not None and hashes is not None and len(hashes):
+            binary = faiss.IndexBinaryFlat(64)
+            binary.add(np.ascontiguousarray(hashes, np.uint8))
+        return cls(index, cosine, binary, phash_distance or 0, work_root)
 
     def hits(self, unit: np.ndarray) -> np.ndarray:
         if not len(unit):
             return np.zeros(0, bool)
         sims, _ = self.index.search(np.ascontiguousarray(unit, np.float32), 1)
         return sims[:, 0] >= self.cosine
+
+    def phash_hits(self, locators: list[str]) -> np.ndarray:
+        """Which candidates' pixels hash within phash_distance bits of an evaluation image.
+        Bytes that cannot be read or decoded are no hit: materialize skips and records them."""
+        from shards.images import BadImage, perceptual_hash
+        from shards.sources import SourceError, read_source
+
+        hashes, readable = [], []
+        for i, loc in enumerate(locators):
+            try:
+                hashes.append(perceptual_hash(read_source(json.loads(loc), self.work_root)))
+                readable.append(i)
+            except (SourceError, BadImage):
+                continue
+        out = np.zeros(len(locators), bool)
+        if hashes:
+            packed = np.frombuffer(b"".join(hashes), np.uint8).reshape(len(hashes), 8)
+            dist, _ = self.hashes.search(packed, 1)
+            out[np.asarray(readable)] = dist[:, 0] <= self.phash_distance
+        return out
 
 
 def select_class(
@@ -263,6 +294,24 @@ def select_class(
             excluded = int(held_out.sum())
             rows, emb, unit = rows[~held_out], emb[~held_out], unit[~held_out]
         keep = greedy_dedupe(unit, target, threshold)
+        if exclusion is not None and exclusion.hashes is not None:
+            # Hashing needs the pixels: only what the class would keep is read, then refilled
+            # from the next candidates until none of the kept is a near-copy.
+            locators = table["locator"]
+            checked = np.zeros(rows.size, bool)
+            while True:
+                fresh = keep[~checked[keep]]
+                if not fresh.size:
+                    break
+                checked[fresh] = True
+                hit = exclusion.phash_hits([locators[int(r)].as_py() for r in rows[fresh]])
+                if not hit.any():
+                    break
+                gone = np.zeros(rows.size, bool)
+                gone[fresh[hit]] = True
+                excluded += int(hit.sum())
+                rows, emb, unit, checked = rows[~gone], emb[~gone], unit[~gone], checked[~gone]
+                keep = greedy_dedupe(unit, target, threshold)
     else:
         keep = np.arange(min(target, rows.size))
     # Rows looked at: up to the last kept one when the target was met, else all of them.
@@ -368,11 +417,11 @@ def write_plan(
     paths = [unit_source(work, u) for u in units]
     exclusion = None
     if config.select.exclude:
-        from .image_sets import exclusion_embeddings
+        from .image_sets import exclusion_sets
 
-        e = config.embed
-        held_out = exclusion_embeddings(config.select.exclude, clip, e.device, e.batch_size, lambda _: None)  # fmt: skip
-        exclusion = Exclusion.of(held_out, config.select.exclude_cosine)
+        e, sel = config.embed, config.select
+        held_out, hashes = exclusion_sets(sel.exclude, clip, e.device, e.batch_size, lambda _: None)  # fmt: skip
+        exclusion = Exclusion.of(held_out, sel.exclude_cosine, hashes, sel.exclude_phash_distance, work.root)  # fmt: skip
     selected, stats = select_all(
         classes, paths, config.target_per_class, config.select.near_duplicate_cosine, threads,
         exclusion,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -142,6 +143,37 @@ def test_scan_units_hold_many_classes(scan_source, tmp_path):
     assert [(m["source"]["caption"], m["source"]["creator"], m["license"]) for m in ds["json"]] == [
         (m["source"]["caption"], m["source"]["creator"], m["license"]) for m in metas
     ]
+
+
+def test_select_exclude_drops_perceptual_hash_copies_and_refills(scan_source, demo_world, tmp_path):  # fmt: skip
+    """An evaluation image that is a resized, re-encoded copy of a candidate the CLIP test
+    lets through (cosine 1.0: off) is caught by its perceptual hash; the class refills."""
+    from PIL import Image
+
+    from tests.fake_curators import _score
+
+    files = sorted((p for p in scan_source.rglob("1_*.jpg")), key=lambda p: (-_score(p.name), f"{p.parent.name}/{p.name}"))  # fmt: skip
+    best = files[0]  # class 1's first choice: score order, ties by source id
+    evalset = tmp_path / "eval"
+    evalset.mkdir()
+    Image.open(best).resize((48, 48)).save(evalset / "val_00001.JPEG", quality=80)
+    curator = {"name": "tests.fake_curators:ScanCurator", "params": {"source": str(scan_source)}}
+    embed = {"model": "imagenetpp-tiny", "pretrained": "demo:model/imagenetpp-tiny.pt"}
+    kept, excluded = {}, {}
+    for name, distance in (("off", None), ("on", 4)):
+        select = {"near_duplicate_cosine": 1.0, "exclude": [str(evalset)], "exclude_cosine": 1.0,
+                  "exclude_phash_distance": distance}  # fmt: skip
+        config = write_config(tmp_path / f"{name}.yaml", curator, 3, embed=embed, select=select)
+        proc = curate(config, tmp_path / name, "--executor", "local")
+        assert proc.returncode == 0, proc.stderr
+        shift = tmp_path / name / "fake"
+        rows = pq.read_table(shift / "index.parquet").to_pylist()
+        kept[name] = {r["source_id"] for r in rows if r["label"] == 1}
+        manifest = json.loads((shift / "manifest.json").read_text())
+        excluded[name] = {c["wnid"]: c["excluded_eval"] for c in manifest["per_class"]}["n01443537"]  # fmt: skip
+    source_id = f"{best.parent.name}/{best.name}"
+    assert source_id in kept["off"] and excluded["off"] == 0
+    assert source_id not in kept["on"] and len(kept["on"]) == 3 and excluded["on"] == 1
 
 
 def test_a_failing_unit_is_recorded_and_the_rest_committed(scan_source, tmp_path):
