@@ -12,15 +12,49 @@ def _size_category(n: int) -> str:
     return "1M<n<10M"
 
 
-def _license_id(manifest: dict) -> str:
-    """The samples' licence as a Hub identifier (cc0-1.0, cc-by-4.0): the curator's, else the
-    one licence every sample states; 'other' when they differ or none is a plain identifier."""
-    text = ((manifest.get("curator_facts") or {}).get("license") or "").strip().lower()
+# The identifiers the Hub accepts in a card's `license` (huggingface.co/docs/hub/repositories-licenses);
+# anything else is `other`, named by `license_name`.
+HUB_LICENSES = frozenset(
+    """
+    apache-2.0 mit openrail bigscience-openrail-m creativeml-openrail-m bigscience-bloom-rail-1.0
+    bigcode-openrail-m afl-3.0 artistic-2.0 bsl-1.0 bsd bsd-2-clause bsd-3-clause
+    bsd-3-clause-clear c-uda cc cc0-1.0 cc-by-2.0 cc-by-2.5 cc-by-3.0 cc-by-4.0 cc-by-sa-3.0
+    cc-by-sa-4.0 cc-by-nc-2.0 cc-by-nc-3.0 cc-by-nc-4.0 cc-by-nd-4.0 cc-by-nc-nd-3.0
+    cc-by-nc-nd-4.0 cc-by-nc-sa-2.0 cc-by-nc-sa-3.0 cc-by-nc-sa-4.0 cdla-sharing-1.0
+    cdla-permissive-1.0 cdla-permissive-2.0 wtfpl ecl-2.0 epl-1.0 epl-2.0 etalab-2.0 eupl-1.1
+    eupl-1.2 agpl-3.0 gfdl gpl gpl-2.0 gpl-3.0 lgpl lgpl-2.1 lgpl-3.0 isc h-research
+    intel-research lppl-1.3c ms-pl apple-ascl apple-amlr mpl-2.0 odc-by odbl openrail++ osl-3.0
+    postgresql ofl-1.1 ncsa unlicense zlib pddl lgpl-lr deepfloyd-if-license llama2 llama3
+    llama3.1 llama3.2 llama3.3 gemma unknown other
+""".split()
+)
+
+
+def _stated_licence(manifest: dict) -> str | None:
+    """The one licence of every sample, lower-cased, or None when they differ or say none: the
+    curator's (first word: "CC0-1.0 (synthetic demo)"), else the one every sample states."""
+    text = ((manifest.get("curator_facts") or {}).get("license") or "").strip()
     if not text:
-        stated = [k for k in (manifest.get("licenses") or {}) if k != "unstated"]
-        text = stated[0].strip().lower() if len(stated) == 1 and len(manifest["licenses"]) == 1 else ""  # fmt: skip
-    text = text.split(" ")[0]  # "CC0-1.0 (synthetic demo)" -> "cc0-1.0"
-    return text if re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", text) else "other"
+        counts = manifest.get("licenses") or {}
+        stated = [k for k in counts if k != "unstated"]
+        text = stated[0].strip() if len(stated) == 1 and len(counts) == 1 else ""
+    return text.split(" ")[0].lower() or None
+
+
+def license_header(manifest: dict) -> list[str]:
+    """`license:` as the Hub accepts it (it refuses a card with an identifier it does not
+    know); another licence is `other`, with `license_name` and, for Creative Commons and
+    the public-domain mark, `license_link`."""
+    stated = _stated_licence(manifest)
+    if stated in HUB_LICENSES:
+        return [f"license: {stated}"]
+    name = re.sub(r"[^a-z0-9.+-]+", "-", stated).strip("-") if stated else ""
+    lines = ["license: other", f"license_name: {name or 'mixed'}"]
+    if m := re.fullmatch(r"cc-(by(?:-nc)?(?:-nd|-sa)?)-(\d\.\d)", name):
+        lines.append(f"license_link: https://creativecommons.org/licenses/{m[1]}/{m[2]}/")
+    elif name in ("pdm", "pdm-1.0"):
+        lines.append("license_link: https://creativecommons.org/publicdomain/mark/1.0/")
+    return lines
 
 
 def _licence_line(manifest: dict) -> str:
@@ -136,7 +170,7 @@ def dataset_card(
     shortfalls = manifest["shortfalls"]
     lines = [
         "---",
-        f"license: {_license_id(manifest)}",
+        *license_header(manifest),
         "task_categories:",
         "- image-classification",
         "size_categories:",

@@ -192,6 +192,28 @@ def test_publish_mistakes_are_one_line(hub, shift, tmp_path):
     one_line_error(gone, "cannot reach the Hub", nowhere)
 
 
+@pytest.mark.parametrize(
+    ("curator_licence", "per_sample", "header"),
+    [
+        ("CC0-1.0 (synthetic demo)", {}, {"license": "cc0-1.0"}),
+        (None, {"CC-BY-4.0": 5}, {"license": "cc-by-4.0"}),
+        # Not identifiers the Hub knows: it would refuse the card, so they are `other`.
+        (None, {"CC-BY-SA-2.0": 5}, {"license": "other", "license_name": "cc-by-sa-2.0",
+                                    "license_link": "https://creativecommons.org/licenses/by-sa/2.0/"}),
+        (None, {"PDM": 5}, {"license": "other", "license_name": "pdm",
+                            "license_link": "https://creativecommons.org/publicdomain/mark/1.0/"}),
+        (None, {"CC-BY-4.0": 3, "CC0-1.0": 2}, {"license": "other", "license_name": "mixed"}),
+        (None, {"CC-BY-4.0": 3, "unstated": 2}, {"license": "other", "license_name": "mixed"}),
+    ],
+)  # fmt: skip
+def test_the_card_names_licences_the_way_the_hub_accepts(curator_licence, per_sample, header):
+    from shards.card import HUB_LICENSES, license_header
+
+    manifest = {"licenses": per_sample, "curator_facts": {"license": curator_licence}}
+    got = yaml.safe_load("\n".join(license_header(manifest)))
+    assert got == header and got["license"] in HUB_LICENSES
+
+
 def test_large_shifts_keep_folders_under_the_hub_limit():
     names = [f"s-{i:06d}.tar" for i in range(FOLDER_LIMIT + 5)]
     paths = shard_paths(names)
