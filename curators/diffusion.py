@@ -206,15 +206,17 @@ class DiffusionCurator:
             return p.seed(cls.index, index, attempt), prompt_for(p.prompts[index % len(p.prompts)], cls)  # fmt: skip
 
         pending = [_Try(i, *aim(i)) for i in indices]
-        done: list[Candidate] = []
+        done: dict[int, Candidate | None] = {}  # index -> candidate; None: every try failed
         failed: list[Rejected] = []
+        next_index = first  # candidates go out in index order, each as soon as it and all
+        # before it are settled: the stage's bar moves within the unit, the order stays fixed
         while pending:
             batch, pending = pending[: p.batch_size], pending[p.batch_size :]
             retry = []
             for t, image, flagged, sim, emb in self._make(cls, batch, exemplars):
                 check, reason = self._rejection(image, flagged, sim)
                 if check is None:
-                    done.append(self._candidate(cls, t, image, sim, emb, exemplars, model, settings))  # fmt: skip
+                    done[t.index] = self._candidate(cls, t, image, sim, emb, exemplars, model, settings)  # fmt: skip
                     continue
                 t.replaced.append({"seed": t.seed, "check": check, "reason": reason})
                 t.attempt += 1
@@ -225,8 +227,13 @@ class DiffusionCurator:
                     checks = Counter(r["check"] for r in t.replaced)
                     why = ", ".join(f"{k} x{n}" for k, n in sorted(checks.items()))
                     failed.append(Rejected(cls.index, f"{cls.wnid}/{t.index:05d}", f"quality control: all {p.max_attempts} tries failed ({why})"))  # fmt: skip
+                    done[t.index] = None
             pending = retry + pending  # replacements first: a unit's order never depends on timing
-        return iter([*sorted(done, key=lambda c: c.generation["index"]), *failed, *unreadable])
+            while next_index in done:
+                if (made := done.pop(next_index)) is not None:
+                    yield made
+                next_index += 1
+        yield from (*failed, *unreadable)
 
     def _settings(self) -> dict[str, Any]:
         p = self.params

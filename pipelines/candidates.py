@@ -29,6 +29,7 @@ from shards.sources import blob_path
 from shards.writer import ShardWriter
 
 from .errors import UserError
+from .executor import report_progress
 
 JSON_COLUMNS = ("locator", "generation")  # dicts, stored as canonical JSON text
 _ARROW = {str: pa.string(), float: pa.float64(), int: pa.int64()}
@@ -156,8 +157,11 @@ def rejected_table(work_root: Path) -> pa.Table:
 
 def unit_work(folder: Path, work_root: Path, curator, unit: Unit) -> dict:
     """The candidates unit: the curator's candidates for one unit, blobs stored, committed."""
+    items: list = []
     try:
-        items = list(curator.candidates(unit))
+        for item in curator.candidates(unit):  # a curator that yields as it goes moves the bar
+            items.append(item)
+            report_progress(1)
     except SourceUnreadable as e:  # recorded before the commit below; the other units go on
         note = skipped_source_path(work_root, unit)
         note.parent.mkdir(parents=True, exist_ok=True)

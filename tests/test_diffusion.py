@@ -133,6 +133,22 @@ def flagging_model(tmp_path_factory):
     return build_tiny_pipeline(tmp_path_factory.mktemp("flagging") / "sd", seed=3, flagged=0.5)
 
 
+def test_a_unit_gives_each_sample_as_soon_as_it_is_settled(demo_world):
+    """Samples come out in index order while the unit is still making the rest, so the
+    candidates bar moves within a unit that takes minutes on a GPU."""
+    curator = DiffusionCurator(tiny_params(demo_world / "model" / "tiny-sd", batch_size=2))
+    batches = []
+    make = curator._make
+    curator._make = lambda *args: batches.append(len(args[1])) or make(*args)  # counts, then makes
+    items = curator.candidates(curator.units([GOLDFISH])[0])
+    first = next(items)
+    made_by_then = len(batches)
+    rest = list(items)
+    assert made_by_then < len(batches) >= 4  # 8 samples in batches of 2, the first out early
+    indices = [c.generation["index"] for c in (first, *rest) if isinstance(c, Candidate)]
+    assert indices == sorted(indices) and len(indices) + sum(isinstance(r, Rejected) for r in rest) == 8  # fmt: skip
+
+
 def test_black_outputs_are_replaced_with_the_next_seed_and_recorded(flagging_model):
     params = tiny_params(flagging_model, max_attempts=6)
     curator = DiffusionCurator(params)
