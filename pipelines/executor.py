@@ -58,6 +58,7 @@ class Progress:
             self.bar = tqdm(total=total, desc=f"{desc:>12}", unit="unit", file=sys.stderr)
 
     items = 0  # reported from inside units (report_progress)
+    shown = 0.0  # when advance last redrew the bar
 
     def update(self, result: dict) -> None:
         self.samples += int(result.get("samples", 0))
@@ -67,7 +68,9 @@ class Progress:
 
     def advance(self, items: int) -> None:
         self.items += items
-        if self.bar is not None and items:
+        # Redrawn ten times a second at most: a unit may report every one of its candidates.
+        if self.bar is not None and items and time.monotonic() - self.shown >= 0.1:
+            self.shown = time.monotonic()
             self._postfix()
             self.bar.refresh()
 
