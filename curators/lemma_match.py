@@ -66,6 +66,8 @@ def plural(word: str) -> str:
         return IRREGULAR[word]
     if word.endswith("man"):
         return word[:-3] + "men"
+    if word.endswith("s") and not word.endswith(("ss", "us", "is", "as", "os")):
+        return word  # already plural ("woods", "sunglasses") or Latin: no "-ses" form
     if word.endswith(("s", "x", "z", "ch", "sh")):
         return word + "es"
     if word.endswith("y") and len(word) > 1 and word[-2] not in "aeiou":
