@@ -133,13 +133,30 @@ def _store(key: str, encoded: EncodedSet) -> None:
         pass
 
 
+class _EncoderOnFirstUse:
+    """A ClipEncoder's identity (what the cache key needs) at once, its model only when an
+    image set is not cached: select loads CLIP for nothing else."""
+
+    def __init__(self, model: str, pretrained: str | None, device: str, batch_size: int) -> None:
+        from curators.clip_models import check_weights, resolve_device, resolve_model_name
+
+        name = resolve_model_name(model)
+        self.description = {"name": name, "weights": check_weights(name, pretrained).description}
+        self.device, self.batch_size = resolve_device(device), batch_size
+        self._args, self._encoder = (model, pretrained, device, batch_size), None
+
+    def encode_images(self, images: list) -> np.ndarray:
+        from curators.clip_models import ClipEncoder
+
+        self._encoder = self._encoder or ClipEncoder(*self._args)
+        return self._encoder.encode_images(images)
+
+
 def exclusion_sets(folders: list[str], clip: tuple[str, str | None], device: str,
                    batch_size: int, log: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """The CLIP embeddings and perceptual hashes of every image in the given evaluation sets,
     for select to keep their near-duplicates out of a shift."""
-    from curators.clip_models import ClipEncoder
-
     sets = [ImageSet.open(f, "select.exclude") for f in folders]
-    encoder = ClipEncoder(clip[0], clip[1], device, batch_size)
+    encoder = _EncoderOnFirstUse(clip[0], clip[1], device, batch_size)
     encoded = [encode_set(s, encoder, log) for s in sets]
     return np.concatenate([e.embeddings for e in encoded]), np.concatenate([e.hashes for e in encoded])  # fmt: skip
