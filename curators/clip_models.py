@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
+
+from shards.fetch import host_port
 
 from .base import ResourceError
 
@@ -218,12 +219,6 @@ def _reachable(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-def host_port(url_text: str) -> tuple[str, int]:
-    """(host, port) a URL connects to, the scheme's port when none is given."""
-    url = urlparse(url_text)
-    return url.hostname or "", url.port or (80 if url.scheme == "http" else 443)
 
 
 def _download_source(cfg: dict) -> tuple[str, int, str]:

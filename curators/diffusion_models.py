@@ -18,8 +18,10 @@ import warnings
 from functools import lru_cache
 from pathlib import Path
 
+from shards.fetch import host_port
+
 from .base import ResourceError
-from .clip_models import _hub_offline, _one_line, _reachable, host_port, resolve_device
+from .clip_models import _hub_offline, _one_line, _reachable, resolve_device
 
 # Config names -> diffusers scheduler classes (any class name below is accepted as well).
 SCHEDULERS = {

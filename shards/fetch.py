@@ -32,6 +32,14 @@ REDIRECTS = frozenset({301, 302, 303, 307, 308})
 TRANSIENT_KINDS = frozenset({"timeout", "connection", "dns", "http_transient", "cut"})
 
 
+def host_port(url_text: str) -> tuple[str, int]:
+    """(host, port) a URL connects to, the scheme's port when none is given."""
+    from urllib.parse import urlparse
+
+    url = urlparse(url_text)
+    return url.hostname or "", url.port or (80 if url.scheme == "http" else 443)
+
+
 @dataclass(frozen=True)
 class FetchPolicy:
     connect_timeout: float = 5.0

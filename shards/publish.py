@@ -225,14 +225,13 @@ def check_endpoint(endpoint: str, timeout: float = 5.0) -> None:
     """Refuse an unreachable Hub at once (huggingface_hub would retry it for half a minute,
     then print a traceback). Skipped behind a proxy, where only the proxy is dialled."""
     import socket
-    from urllib.parse import urlsplit
+
+    from .fetch import host_port
 
     if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):  # fmt: skip
         return
-    url = urlsplit(endpoint)
-    port = url.port or (443 if url.scheme == "https" else 80)
     try:
-        socket.create_connection((url.hostname or "", port), timeout=timeout).close()
+        socket.create_connection(host_port(endpoint), timeout=timeout).close()
     except OSError as e:
         raise PublishError(f"cannot reach the Hub at {endpoint} (HF_ENDPOINT): {e.strerror or e}") from None  # fmt: skip
 
